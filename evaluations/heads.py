@@ -1,0 +1,174 @@
+"""Train several heads on one frozen backbone: ONE backbone forward per batch feeds them all.
+
+Used by the conv1..conv5 linear probes (Table 1) and the fc6-8 retraining (supplementary
+table). Each head has its own SGD with Bottou's decay lr_t = lr0 / sqrt(1 + lr0*wd*t) per
+iteration and its own seeded init, so a head trained alongside others gets exactly the
+numbers it gets alone (same seed, same data order).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from pretrain.models import TapNet
+from pretrain.train import IMAGENET_MEAN, IMAGENET_STD
+
+from .backbone import state_fingerprint
+from .metrics import tencrop_probs, topk_correct
+
+log = logging.getLogger(__name__)
+CENTRE_OF_TENCROP = 4  # torchvision TenCrop: tl, tr, bl, br, centre, then the flipped five
+
+
+def probe_train_transform(resize: int, size: int) -> T.Compose:
+    """The authors' probe training crops: Resize, CenterCrop(resize), RandomCrop, flip."""
+    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.RandomCrop(size),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def probe_test_transform(resize: int, size: int) -> T.Compose:
+    """Resize then TenCrop -> tensor [10, 3, size, size] (crop 4 is the centre crop)."""
+    norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize(resize), T.TenCrop(size),
+                      T.Lambda(lambda crops: torch.stack([norm(c) for c in crops]))])
+
+
+@dataclass
+class Head:
+    """A trainable head reading tap ``tap`` of the backbone."""
+
+    name: str
+    tap: str
+    module: nn.Module
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class EpochScores:
+    epoch: int
+    train_loss: float
+    top1_10crop: float
+    top1_center: float
+    top5_10crop: float
+
+
+@dataclass
+class HeadHistory:
+    name: str
+    epochs: list[EpochScores] = field(default_factory=list)
+
+    def best(self, key: str = "top1_10crop") -> EpochScores:
+        """The paper's selection: the epoch with the best accuracy on the evaluation split."""
+        return max(self.epochs, key=lambda e: (getattr(e, key), -e.epoch))
+
+    def last(self) -> EpochScores:
+        return self.epochs[-1]
+
+
+def bottou_lr(lr0: float, wd: float, t: int) -> float:
+    return lr0 / math.sqrt(1.0 + lr0 * wd * t)
+
+
+def _unwrap(batch):
+    """Datasets return (image, label, index) or (image, label)."""
+    return batch[0], batch[1]
+
+
+@torch.no_grad()
+def evaluate_heads(backbone: TapNet, heads: list[Head], loader: DataLoader,
+                   device: torch.device) -> dict[str, tuple[float, float, float]]:
+    """(top-1 10-crop, top-1 centre, top-5 10-crop) per head, in percent."""
+    for h in heads:
+        h.module.eval()
+    taps = {h.tap for h in heads}
+    hits = {h.name: [0, 0, 0] for h in heads}
+    n = 0
+    for batch in loader:
+        x, y = _unwrap(batch)
+        b, ncrops = x.shape[:2]
+        feats = backbone.forward_taps(x.flatten(0, 1).to(device), taps)
+        y = y.to(device)
+        for h in heads:
+            logits = h.module(feats[h.tap]).float()
+            probs = tencrop_probs(logits, ncrops)
+            centre = logits.view(b, ncrops, -1)[:, min(CENTRE_OF_TENCROP, ncrops - 1)]
+            c = hits[h.name]
+            c[0] += topk_correct(probs, y, 1)
+            c[1] += topk_correct(centre, y, 1)
+            c[2] += topk_correct(probs, y, 5)
+        n += b
+    return {k: tuple(100.0 * v / max(n, 1) for v in c) for k, c in hits.items()}
+
+
+def train_heads(backbone: TapNet, heads: list[Head], train_ds, val_ds, cfg: HeadTrainConfig,
+                device: torch.device, desc: str = "heads") -> dict[str, HeadHistory]:
+    """Train ``heads`` on frozen ``backbone``; evaluate every epoch on ``val_ds``.
+
+    Raises RuntimeError if the backbone's weights or BN buffers changed (they must not).
+    """
+    before = state_fingerprint(backbone)
+    backbone.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                              num_workers=cfg.workers, drop_last=False)
+    # ten crops per image: batch_size // 10 images keep one forward at ~batch_size crops
+    val_loader = DataLoader(val_ds, batch_size=max(1, cfg.batch_size // 10), shuffle=False,
+                            num_workers=cfg.workers)
+    opts = {h.name: torch.optim.SGD(h.module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay) for h in heads}
+    crit = nn.CrossEntropyLoss()
+    taps = {h.tap for h in heads}
+    history = {h.name: HeadHistory(h.name) for h in heads}
+    t = 0
+    for epoch in range(cfg.epochs):
+        for h in heads:
+            h.module.train()
+        losses = {h.name: 0.0 for h in heads}
+        seen = 0
+        for batch in tqdm(train_loader, desc=f"{desc} epoch {epoch}", leave=False, mininterval=2):
+            x, y = _unwrap(batch)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad():
+                feats = backbone.forward_taps(x, taps)
+            lr = bottou_lr(cfg.lr, cfg.weight_decay, t)
+            for h in heads:
+                opt = opts[h.name]
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss = crit(h.module(feats[h.tap]), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"head {h.name}: loss {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses[h.name] += loss.item() * len(y)
+            seen += len(y)
+            t += 1
+        scores = evaluate_heads(backbone, heads, val_loader, device)
+        for h in heads:
+            top1, centre, top5 = scores[h.name]
+            history[h.name].epochs.append(EpochScores(epoch, losses[h.name] / max(seen, 1),
+                                                      top1, centre, top5))
+        log.info("%s epoch %d: %s", desc, epoch,
+                 " ".join(f"{k}={v[0]:.1f}" for k, v in scores.items()))
+    if state_fingerprint(backbone) != before:
+        raise RuntimeError("the frozen backbone changed during head training (weights or BN "
+                           "buffers): this is a bug in the evaluation, its numbers are invalid")
+    return history

@@ -1,0 +1,95 @@
+"""``python -m pretrain``: DeepCluster pretraining from the command line.
+
+Examples::
+
+    python -m pretrain --preset paper --data /datasets/imagenet --out runs/dc_alexnet
+    python -m pretrain --preset demo --out runs/demo          # embedded Fashion-MNIST
+    python -m pretrain --preset demo --out runs/demo --resume # continue after a crash
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+from .config import PRESETS, PretrainConfig, preset_config
+from .errors import UserError
+
+HELP = {
+    "data": "ImageNet-layout folder: <DIR>/train/<wnid>/*.JPEG, <DIR>/<wnid>/*, or a flat "
+            "folder of images (no labels)",
+    "dataset": "embedded dataset instead of --data: fashion-mnist (Debian package "
+               "dataset-fashion-mnist)",
+    "subset": "use only the first N images",
+    "arch": "network: alexnet | vgg16 | resnet50",
+    "sobel": "frozen Sobel front end (--no-sobel for RGB input)",
+    "fc_dim": "width of fc6/fc7 (paper 4096)",
+    "k": "number of k-means clusters (paper 10000)",
+    "pca_dim": "PCA-whitening output dims before k-means (paper 256)",
+    "kmeans_iters": "k-means iterations (paper 20)",
+    "kmeans_backend": "auto (faiss if installed) | faiss | torch",
+    "sampler": "uniform (paper: uniform over clusters) | released (authors' code: "
+               "proportional to cluster size)",
+    "reassign": "sampler length as a multiple of N (paper 1)",
+    "epochs": "epochs, one clustering each (paper 500)",
+    "batch_size": "batch size (paper 256)",
+    "lr": "body learning rate, constant (paper 0.05)",
+    "momentum": "body SGD momentum (paper 0.9)",
+    "weight_decay": "body weight decay (paper 1e-5)",
+    "head_lr": "per-epoch head learning rate, momentum 0 (paper 0.05)",
+    "head_weight_decay": "per-epoch head weight decay (paper 1e-5)",
+    "input_size": "crop size (paper 224)",
+    "resize_size": "resize before the centre crop of feature extraction (paper 256)",
+    "workers": "DataLoader worker processes",
+    "seed": "run seed (every random draw derives from it and the epoch)",
+    "device": "auto | cpu | cuda[:N]",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain", description="DeepCluster pretraining (Caron et al. 2018). "
+        "Flags left out take the --preset's value; the paper preset is PROTOCOLS.md §1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                   help="paper: the paper's protocol; demo: minutes on a laptop CPU")
+    p.add_argument("--out", required=True, help="run folder (checkpoint.pth, log.jsonl, "
+                   "assignments.bin, config.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for f in fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=HELP[f.name])
+        else:
+            typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, default=None,
+                           help=f"{HELP[f.name]} (paper: {f.default})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
+    try:
+        from .train import run  # torch import deferred so --help is instant
+
+        cfg = preset_config(args.preset, **overrides)
+        ckpt = run(cfg, args.out, resume=args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    print(ckpt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

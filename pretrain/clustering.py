@@ -1,0 +1,549 @@
+"""The clustering step of DeepCluster (PROTOCOLS.md §1, steps 2, 3 and 8).
+
+* :func:`pca_whiten_l2` -- PCA to ``dim`` dimensions, whitening (each component scaled by
+  eigenvalue^-0.5, no epsilon), row L2-normalisation; the same map as faiss
+  ``PCAMatrix(d, dim, -0.5)`` followed by ``faiss.normalize_L2`` (up to each component's sign).
+* :func:`kmeans` -- Lloyd's k-means with faiss ``Clustering`` semantics, on two backends that
+  give the same result: ``"faiss"`` (faiss itself, GPU index when faiss has GPUs) and
+  ``"torch"`` (pure torch, CPU or CUDA). Both use the same initial centroids (k distinct
+  points drawn with ``numpy.random.default_rng(seed)``), no subsampling, exact fp32 L2 search,
+  ``niter`` iterations, faiss's empty-cluster splitting (reproduced bit for bit, including
+  its Mersenne-Twister donor draws, by :func:`split_empty_clusters`) and one final hard
+  assignment against the final centroids.
+* :func:`nmi` -- normalised mutual information with the GEOMETRIC average.
+* :func:`cluster_size_histogram` -- cluster sizes and the number of empty clusters.
+
+Loss conventions (see :class:`KMeansResult`): ``iteration_losses[i]`` is faiss's
+``iteration_stats[i].obj``, the sum of squared distances of the points to the centroids
+at the START of iteration ``i`` (before that iteration's update); ``loss`` is the sum of
+squared distances of the final assignment to the final centroids (one pass more than faiss
+reports).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+BACKENDS: tuple[str, ...] = ("faiss", "torch")
+"""Every k-means backend this module knows; :func:`available_backends` says which import."""
+
+SPLIT_EPS = np.float32(1.0 / 1024.0)
+"""faiss's relative perturbation when an empty cluster takes half of a donor."""
+
+FAISS_SPLIT_SEED = 1234
+"""faiss re-seeds its ``RandomGenerator`` (std::mt19937) with 1234 at every split pass."""
+
+DEFAULT_CHUNK_ELEMS = 1 << 25
+"""Rows per chunk = this // max(k, d): bounds the (rows x k) distance block (128 MiB fp32)."""
+
+NAN_MESSAGE = (
+    "features contain NaN/inf: the network diverged; lower the learning rate "
+    "(--lr) or check the input data"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor, name: str = "features") -> torch.Tensor:
+    """A 2-D tensor view of ``x`` (no copy for numpy arrays)."""
+    if isinstance(x, np.ndarray):
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise UserError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        t = torch.from_numpy(np.asarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        raise UserError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if t.ndim != 2:
+        raise UserError(f"{name} must be 2-D (N x d), got shape {tuple(t.shape)}")
+    return t
+
+
+def _chunk_rows(n_cols: int, chunk_elems: int) -> int:
+    return max(1, chunk_elems // max(1, n_cols))
+
+
+def _check_finite(t: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+    """Raise :class:`UserError` if any entry is NaN or inf (chunked: no full-size mask)."""
+    step = _chunk_rows(t.shape[1], chunk_elems)
+    for s in range(0, t.shape[0], step):
+        if not bool(torch.isfinite(t[s : s + step]).all()):
+            raise UserError(NAN_MESSAGE)
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+@dataclass(frozen=True)
+class PCAWhitening:
+    """A fitted PCA-whitening map ``y = (x - mean) @ projection``.
+
+    ``projection[:, j]`` is the j-th principal axis (eigenvalues in decreasing order)
+    multiplied by ``eigenvalues[j] ** -0.5``. Eigenvalues are those of the scatter matrix
+    ``sum_i (x_i - mean)(x_i - mean)^T`` (not divided by N: faiss's convention; the global
+    scale disappears in the L2-normalisation). Each axis's sign is fixed so that its
+    largest-magnitude coordinate is positive.
+    """
+
+    mean: torch.Tensor  # float64 [d]
+    projection: torch.Tensor  # float64 [d, dim]
+    eigenvalues: torch.Tensor  # float64 [dim]
+
+    def transform(self, x: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
+        """Project, whiten and L2-normalise the rows of ``x``; float32 on ``x``'s device."""
+        n, d = x.shape
+        out = torch.empty((n, self.projection.shape[1]), dtype=torch.float32, device=x.device)
+        mean = self.mean.to(x.device)
+        proj = self.projection.to(x.device)
+        step = _chunk_rows(d, chunk_elems)
+        for s in range(0, n, step):
+            y = (x[s : s + step].to(torch.float64) - mean) @ proj
+            norms = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+            out[s : s + step] = torch.where(norms > 0, y / norms, y).to(torch.float32)
+        return out
+
+
+def fit_pca_whitening(
+    x: np.ndarray | torch.Tensor, dim: int = 256, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> PCAWhitening:
+    """Fit PCA-whitening to ``dim`` components on all rows of ``x`` (float64 internally)."""
+    t = _as_tensor(x)
+    n, d = t.shape
+    if not isinstance(dim, int) or dim < 1:
+        raise UserError(f"PCA dimension must be a positive integer, got {dim!r}")
+    if dim > d:
+        raise UserError(f"PCA dimension {dim} is larger than the feature dimension {d}; lower it")
+    if n < 2:
+        raise UserError(f"PCA needs at least 2 feature rows, got {n}")
+    if dim > n - 1:
+        raise UserError(
+            f"PCA to {dim} dimensions needs at least {dim + 1} feature rows, got {n}: "
+            "use more images or a smaller PCA dimension"
+        )
+    step = _chunk_rows(d, chunk_elems)
+    total = torch.zeros(d, dtype=torch.float64, device=t.device)
+    for s in range(0, n, step):
+        chunk = t[s : s + step]
+        if not bool(torch.isfinite(chunk).all()):
+            raise UserError(NAN_MESSAGE)
+        total += chunk.to(torch.float64).sum(dim=0)
+    mean = total / n
+    scatter = torch.zeros((d, d), dtype=torch.float64, device=t.device)
+    for s in range(0, n, step):
+        xc = t[s : s + step].to(torch.float64) - mean
+        scatter.addmm_(xc.T, xc)
+    evals, evecs = torch.linalg.eigh(scatter)  # ascending
+    # numerical rank tolerance, as numpy.linalg.matrix_rank: below it an eigenvalue is noise
+    tol = float(evals[-1].clamp_min(0)) * d * torch.finfo(torch.float64).eps
+    evals = evals.flip(0)[:dim]
+    evecs = evecs.flip(1)[:, :dim]
+    if not float(evals[-1]) > tol:
+        raise UserError(
+            f"the features span fewer than {dim} dimensions (eigenvalue {float(evals[-1]):.3g} "
+            f"of component {dim}, largest {float(evals[0]):.3g}): the representation "
+            "collapsed; lower the PCA dimension or check the network"
+        )
+    signs = torch.sign(evecs.gather(0, evecs.abs().argmax(dim=0, keepdim=True)))
+    evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return PCAWhitening(mean=mean, projection=evecs * evals.rsqrt(), eigenvalues=evals)
+
+
+def pca_whiten_l2(x: Array, dim: int = 256, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Array:
+    """PCA to ``dim`` dims, whitening (eigenvalue^-0.5, no epsilon), row L2-normalisation.
+
+    Fitted on all rows of ``x`` (float64 covariance), returned as float32 of the input's
+    type (numpy in, numpy out; a tensor stays on its device). Equals faiss
+    ``PCAMatrix(d, dim, -0.5)`` + ``normalize_L2`` up to the sign of each component.
+    """
+    t = _as_tensor(x)
+    out = fit_pca_whitening(t, dim, chunk_elems).transform(t, chunk_elems)
+    return out.numpy() if isinstance(x, np.ndarray) else out
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """Outcome of :func:`kmeans`.
+
+    ``loss``: sum of squared L2 distances of every point to its centroid in the final
+    assignment (against the final centroids). ``iteration_losses[i]``: faiss's convention,
+    the same sum at the start of iteration ``i``, before its centroid update (faiss sums it
+    in float32, the torch backend in float64). ``iteration_splits[i]``: empty clusters split
+    at iteration ``i``; ``empty_splits`` is their total.
+    """
+
+    assign: np.ndarray  # int64 [N]
+    centroids: np.ndarray  # float32 [k, d]
+    loss: float
+    iteration_losses: list[float]
+    iteration_splits: list[int]
+    empty_splits: int
+    sizes: np.ndarray  # int64 [k]
+    init_indices: np.ndarray  # int64 [k]
+    backend: str
+    device: str
+
+
+def available_backends() -> tuple[str, ...]:
+    """The k-means backends usable here: ``"torch"`` always, ``"faiss"`` if it imports."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return ("torch",)
+    return BACKENDS
+
+
+def draw_init_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """k distinct row indices in [0, n), from ``numpy.random.default_rng(seed)``."""
+    if k > n:
+        raise UserError(f"k={k} is larger than the number of images N={n}; lower --k")
+    return np.random.default_rng(seed).choice(n, size=k, replace=False).astype(np.int64)
+
+
+class _MT19937Floats:
+    """faiss ``RandomGenerator(seed).rand_float()``: ``float(mt19937()) / float(2**32 - 1)``.
+
+    numpy's legacy ``RandomState(seed)`` is the same std::mt19937 (init_genrand) and its
+    ``randint(0, 2**32, dtype=uint32)`` returns the raw 32-bit outputs. ``float(2**32 - 1)``
+    rounds to 2**32 in float32, hence the exact power-of-two division.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._state = np.random.RandomState(seed)
+        self._buf = np.empty(0, dtype=np.float32)
+        self._pos = 0
+
+    def peek(self, m: int) -> np.ndarray:
+        """The next ``m`` floats, not consumed."""
+        have = self._buf.size - self._pos
+        if have < m:
+            raw = self._state.randint(0, 2**32, size=max(m - have, 4096), dtype=np.uint32)
+            new = raw.astype(np.float32) / np.float32(4294967296.0)
+            self._buf = np.concatenate([self._buf[self._pos :], new])
+            self._pos = 0
+        return self._buf[self._pos : self._pos + m]
+
+    def advance(self, m: int) -> None:
+        self._pos += m
+
+
+def _pick_donor(h: np.ndarray, n: int, rng: _MT19937Floats) -> int:
+    """faiss's donor search: cycle cj = 0, 1, ... and stop at the first draw r < p[cj].
+
+    ``p = float32((h - 1.0) / float32(n - k))``; at most ``10 k`` draws, then the largest
+    cluster (faiss >= 1.14 fallback).
+    """
+    k = h.size
+    p = ((h.astype(np.float64) - 1.0) / np.float64(np.float32(n - k))).astype(np.float32)
+    tries = 0
+    max_tries = 10 * k
+    while tries < max_tries:
+        m = min(k, max_tries - tries)  # tries is a multiple of k here: cj starts at 0
+        hits = np.flatnonzero(rng.peek(m) < p[:m])
+        if hits.size:
+            rng.advance(int(hits[0]) + 1)
+            return int(hits[0])
+        rng.advance(m)
+        tries += m
+    return int(np.argmax(h))
+
+
+def split_empty_clusters(
+    centroids: np.ndarray, counts: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """faiss ``split_clusters``: give every empty cluster half of a randomly chosen donor.
+
+    For each empty cluster ``ci`` in increasing order: the donor ``cj`` is drawn with
+    probability proportional to (size - 1) (faiss's RNG, reseeded with 1234 on every call),
+    ``centroid[ci] = centroid[cj]`` with even dims scaled by (1 + 1/1024) and odd dims by
+    (1 - 1/1024), the donor the other way round; the donor's count is halved between the two.
+    Returns new (float32 centroids, float32 counts, number of splits); inputs untouched.
+    """
+    c = np.array(centroids, dtype=np.float32, copy=True)
+    h = np.array(counts, dtype=np.float32, copy=True)
+    k, d = c.shape
+    empty = np.flatnonzero(h == 0)
+    if empty.size == 0:
+        return c, h, 0
+    if n <= k:
+        raise ValueError(f"cannot split empty clusters with n={n} <= k={k}")
+    rng = _MT19937Floats(FAISS_SPLIT_SEED)
+    even = np.arange(d) % 2 == 0
+    up = np.where(even, np.float32(1) + SPLIT_EPS, np.float32(1) - SPLIT_EPS).astype(np.float32)
+    down = np.where(even, np.float32(1) - SPLIT_EPS, np.float32(1) + SPLIT_EPS).astype(np.float32)
+    for ci in empty:  # a split never empties another cluster: the list stays valid
+        cj = _pick_donor(h, n, rng)
+        c[ci] = c[cj] * up
+        c[cj] = c[cj] * down
+        h[ci] = h[cj] / np.float32(2)
+        h[cj] = h[cj] - h[ci]
+    return c, h, int(empty.size)
+
+
+def _faiss_index(faiss, d: int, device: str | None):  # noqa: ANN001, ANN202 -- faiss objects
+    """An exact L2 index: on a GPU when faiss has GPUs and ``device`` is not CPU."""
+    want_gpu = device is None or torch.device(device).type == "cuda"
+    if want_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = (torch.device(device).index or 0) if device is not None else 0
+        return faiss.GpuIndexFlatL2(res, d, cfg), res, f"cuda:{cfg.device}"
+    return faiss.IndexFlatL2(d), None, "cpu"
+
+
+def _kmeans_faiss(
+    x: np.ndarray, init: np.ndarray, niter: int, seed: int, device: str | None
+) -> tuple[np.ndarray, list[float], list[int], np.ndarray, np.ndarray, str]:
+    """faiss ``Clustering`` from the given initial centroids; + final assignment."""
+    import faiss
+
+    n, d = x.shape
+    k = init.shape[0]
+    cp = faiss.ClusteringParameters()
+    cp.niter = niter
+    cp.seed = seed  # unused: the centroids are given
+    cp.verbose = False
+    cp.min_points_per_centroid = 1  # no "too few points" warning
+    cp.max_points_per_centroid = n // k + 1  # k * max > n: no subsampling
+    if hasattr(cp, "early_stop_threshold"):
+        cp.early_stop_threshold = -1.0  # faiss >= 1.14 stops on an unchanged objective
+    index, _res, dev = _faiss_index(faiss, d, device)  # _res keeps GPU memory alive
+    if niter > 0 and n > k:
+        clus = faiss.Clustering(d, k, cp)
+        faiss.copy_array_to_vector(np.ascontiguousarray(init, dtype=np.float32).ravel(), clus.centroids)
+        clus.train(x, index)
+        stats = clus.iteration_stats
+        losses = [float(stats.at(i).obj) for i in range(stats.size())]
+        splits = [int(stats.at(i).nsplit) for i in range(stats.size())]
+        centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, d).copy()
+    else:
+        losses, splits, centroids = [], [], np.array(init, dtype=np.float32, copy=True)
+    index.reset()
+    index.add(centroids)
+    dist, assign = index.search(x, 1)
+    return centroids, losses, splits, assign[:, 0].astype(np.int64), dist[:, 0], dev
+
+
+def _assign_torch(x: torch.Tensor, c: torch.Tensor, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and squared distance per row: argmin_j (|c_j|^2 - 2 x.c_j), fp32."""
+    n = x.shape[0]
+    cn = (c * c).sum(dim=1)
+    assign = torch.empty(n, dtype=torch.int64, device=x.device)
+    dist = torch.empty(n, dtype=torch.float32, device=x.device)
+    step = _chunk_rows(max(c.shape[0], x.shape[1]), chunk_elems)
+    for s in range(0, n, step):
+        xb = x[s : s + step]
+        scores = torch.addmm(cn, xb, c.T, alpha=-2.0)
+        a = scores.argmin(dim=1)  # first index on ties, like faiss
+        best = scores.gather(1, a[:, None])[:, 0]
+        assign[s : s + step] = a
+        dist[s : s + step] = ((xb * xb).sum(dim=1) + best).clamp_min_(0)
+    return assign, dist
+
+
+def _update_torch(
+    x: torch.Tensor, assign: torch.Tensor, k: int, chunk_elems: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids = means of their points (empty clusters -> 0) and counts.
+
+    On CPU: float32 sums accumulated in point order, times float32(1 / count) -- faiss's
+    ``compute_centroids`` bit for bit. On CUDA: float64 sums (atomic adds have no fixed
+    order; rounding to float32 hides it), then the same scaling.
+    """
+    n, d = x.shape
+    acc = torch.float32 if x.device.type == "cpu" else torch.float64
+    sums = torch.zeros((k, d), dtype=acc, device=x.device)
+    step = _chunk_rows(d, chunk_elems)
+    for s in range(0, n, step):
+        sums.index_add_(0, assign[s : s + step], x[s : s + step].to(acc))
+    counts = torch.bincount(assign, minlength=k)
+    inv = 1.0 / counts.clamp_min(1).to(torch.float32)
+    centroids = (sums.to(torch.float32) if acc == torch.float32 else sums) * inv.to(acc)[:, None]
+    return centroids.to(torch.float32), counts
+
+
+def _kmeans_torch(
+    x: torch.Tensor, init_idx: np.ndarray, niter: int, chunk_elems: int
+) -> tuple[np.ndarray, list[float], list[int], np.ndarray, np.ndarray]:
+    n, _ = x.shape
+    k = init_idx.size
+    c = x[torch.from_numpy(init_idx).to(x.device)].clone()
+    losses: list[float] = []
+    splits: list[int] = []
+    for it in range(niter if n > k else 0):
+        assign, dist = _assign_torch(x, c, chunk_elems)
+        losses.append(float(dist.sum(dtype=torch.float64)))
+        c, counts = _update_torch(x, assign, k, chunk_elems)
+        nsplit = 0
+        if bool((counts == 0).any()):
+            c_np, _, nsplit = split_empty_clusters(c.cpu().numpy(), counts.cpu().numpy(), n)
+            c = torch.from_numpy(c_np).to(x.device)
+        splits.append(nsplit)
+        log.debug("k-means (torch) iteration %d: loss %.6g, %d splits", it, losses[-1], nsplit)
+    assign, dist = _assign_torch(x, c, chunk_elems)
+    return c.cpu().numpy(), losses, splits, assign.cpu().numpy(), dist.cpu().numpy()
+
+
+def _resolve_torch_device(x: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(x, torch.Tensor):
+        return x.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kmeans(
+    x: np.ndarray | torch.Tensor,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    backend: str = "faiss",
+    device: str | torch.device | None = None,
+    init_indices: Sequence[int] | np.ndarray | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> KMeansResult:
+    """Euclidean k-means with faiss semantics on ``backend`` ("faiss" or "torch").
+
+    Init: the rows ``init_indices`` (default :func:`draw_init_indices` ``(N, k, seed)``),
+    shared by both backends. Then ``niter`` iterations of: exact fp32 assignment, mean
+    update, faiss's empty-cluster split. Finally one hard assignment against the final
+    centroids. With the same input and init, both backends give the same assignments when
+    no near-ties occur (they differ only in float rounding). ``device``: torch backend --
+    where to compute (default: the tensor's device, else CUDA if available); faiss backend
+    -- "cpu" forces a CPU index, otherwise a GPU index is used when faiss has GPUs.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown k-means backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in available_backends():
+        raise UserError(
+            f"k-means backend {backend!r} is not available (faiss is not installed): "
+            "pip install faiss-cpu, or use the torch backend"
+        )
+    t = _as_tensor(x)
+    n, d = t.shape
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if k > n:
+        raise UserError(f"k={k} is larger than the number of images N={n}; lower --k")
+    if niter < 0:
+        raise UserError(f"niter must be >= 0, got {niter}")
+    _check_finite(t, chunk_elems)
+    if init_indices is None:
+        init_idx = draw_init_indices(n, k, seed)
+    else:
+        init_idx = np.asarray(init_indices, dtype=np.int64).reshape(-1)
+        if init_idx.size != k or init_idx.min() < 0 or init_idx.max() >= n:
+            raise UserError(f"init_indices must be {k} row indices in [0, {n})")
+    if n == k:  # faiss's corner case: the centroids are the points themselves, in order
+        init_idx = np.arange(n, dtype=np.int64)
+
+    t0 = time.perf_counter()
+    if backend == "faiss":
+        x_np = np.ascontiguousarray(t.to(device="cpu", dtype=torch.float32).numpy())
+        init = x_np[init_idx]
+        centroids, losses, splits, assign, dist, dev = _kmeans_faiss(x_np, init, niter, seed, device)
+    else:
+        tdev = _resolve_torch_device(x, device)
+        xt = t.to(device=tdev, dtype=torch.float32).contiguous()
+        centroids, losses, splits, assign, dist = _kmeans_torch(xt, init_idx, niter, chunk_elems)
+        dev = str(tdev)
+    if n == k:
+        losses, splits = [0.0], [0]  # faiss's "one fake iteration"
+    result = KMeansResult(
+        assign=assign,
+        centroids=centroids,
+        loss=float(np.sum(dist, dtype=np.float64)),
+        iteration_losses=losses,
+        iteration_splits=splits,
+        empty_splits=int(sum(splits)),
+        sizes=np.bincount(assign, minlength=k).astype(np.int64),
+        init_indices=init_idx,
+        backend=backend,
+        device=dev,
+    )
+    log.info(
+        "k-means (%s on %s): N=%d d=%d k=%d, %d iterations in %.2f s, loss %.6g, %d empty-cluster "
+        "splits, %d empty at the end",
+        backend, dev, n, d, k, len(losses), time.perf_counter() - t0, result.loss,
+        result.empty_splits, int((result.sizes == 0).sum()),
+    )  # fmt: skip
+    return result
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class ClusterSizes:
+    """Points per cluster (``sizes[c]``) and the number of empty clusters."""
+
+    sizes: np.ndarray  # int64 [k]
+    n_empty: int
+
+    @property
+    def largest(self) -> int:
+        return int(self.sizes.max()) if self.sizes.size else 0
+
+    @property
+    def smallest_non_empty(self) -> int:
+        nz = self.sizes[self.sizes > 0]
+        return int(nz.min()) if nz.size else 0
+
+
+def cluster_size_histogram(assign: np.ndarray, k: int) -> ClusterSizes:
+    """Sizes of the ``k`` clusters in ``assign`` (ids in [0, k)) and how many are empty."""
+    a = np.asarray(assign).reshape(-1)
+    if a.size and (a.min() < 0 or a.max() >= k):
+        raise ValueError(f"cluster ids must lie in [0, {k}), got [{a.min()}, {a.max()}]")
+    sizes = np.bincount(a.astype(np.int64), minlength=k).astype(np.int64)
+    return ClusterSizes(sizes=sizes, n_empty=int((sizes == 0).sum()))
+
+
+def _entropy(counts: np.ndarray, n: int) -> float:
+    p = counts[counts > 0] / n
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi(a: np.ndarray | Sequence[int], b: np.ndarray | Sequence[int]) -> float:
+    """Normalised mutual information, GEOMETRIC average: I(a;b) / sqrt(H(a) H(b)).
+
+    Sparse contingency table (fine for 10^4 x 10^4 labels); the same limit cases as
+    scikit-learn: two single-cluster (or empty) labelings -> 1.0, I = 0 -> 0.0.
+    """
+    a = np.asarray(a).reshape(-1)
+    b = np.asarray(b).reshape(-1)
+    if a.size != b.size:
+        raise ValueError(f"labelings differ in length: {a.size} vs {b.size}")
+    n = a.size
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    if ua.size == ub.size and ua.size <= 1:
+        return 1.0
+    ca = np.bincount(ia)
+    cb = np.bincount(ib)
+    pair, nij = np.unique(ia.astype(np.int64) * ub.size + ib, return_counts=True)
+    ri, rj = np.divmod(pair, ub.size)
+    nij = nij.astype(np.float64)
+    terms = nij / n * (np.log(nij) + math.log(n) - np.log(ca[ri] * cb[rj].astype(np.float64)))
+    terms[np.abs(terms) < np.finfo(np.float64).eps] = 0.0
+    mi = max(float(terms.sum()), 0.0)
+    if mi == 0.0:
+        return 0.0
+    return mi / math.sqrt(_entropy(ca, n) * _entropy(cb, n))

@@ -1,0 +1,98 @@
+"""Pretraining configuration: the dataclass defaults ARE the paper's protocol (PROTOCOLS.md §1)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """DeepCluster v1 pretraining. Defaults: the paper (AlexNet-BN + Sobel on ImageNet)."""
+
+    # data: exactly one of `data` (ImageNet-layout folder) or `dataset` (embedded)
+    data: str | None = None
+    dataset: str | None = None
+    subset: int | None = None  # first N images only
+    # model
+    arch: str = "alexnet"
+    sobel: bool = True
+    fc_dim: int = 4096  # width of fc6/fc7 (paper 4096)
+    # clustering
+    k: int = 10_000
+    pca_dim: int = 256
+    kmeans_iters: int = 20
+    kmeans_backend: str = "auto"  # auto | faiss | torch
+    sampler: str = "uniform"  # uniform (paper) | released (authors' code)
+    reassign: int = 1  # sampler length = reassign x N
+    # optimisation
+    epochs: int = 500
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    head_lr: float = 0.05
+    head_weight_decay: float = 1e-5
+    # images
+    input_size: int = 224  # RandomResizedCrop / CenterCrop size
+    resize_size: int = 256  # Resize before the centre crop of feature extraction
+    # runtime
+    workers: int = 4
+    seed: int = 31
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> "PretrainConfig":
+        if (self.data is None) == (self.dataset is None):
+            raise UserError("give exactly one of --data DIR (an ImageNet-layout folder) or "
+                            "--dataset fashion-mnist (the embedded data).")
+        if self.dataset is not None and self.dataset != "fashion-mnist":
+            raise UserError(f"unknown --dataset {self.dataset!r}; the embedded dataset is "
+                            "'fashion-mnist' (or use --data DIR).")
+        for name in ("k", "epochs", "batch_size", "pca_dim", "kmeans_iters", "input_size",
+                     "resize_size", "fc_dim", "reassign"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)}).")
+        if self.k < 2:
+            raise UserError(f"--k must be >= 2 (got {self.k}).")
+        if self.subset is not None and self.subset < 2:
+            raise UserError(f"--subset must be >= 2 (got {self.subset}).")
+        if self.pca_dim > self.fc_dim and self.arch != "resnet50":
+            raise UserError(f"--pca-dim {self.pca_dim} exceeds the feature width --fc-dim "
+                            f"{self.fc_dim}; lower --pca-dim.")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise UserError("--lr and --head-lr must be > 0.")
+        if self.kmeans_backend not in ("auto", "faiss", "torch"):
+            raise UserError(f"--kmeans-backend must be auto, faiss or torch (got {self.kmeans_backend!r}).")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r}).")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # fields that must not change when resuming a run
+    SHAPE_FIELDS = ("data", "dataset", "subset", "arch", "sobel", "fc_dim", "k", "pca_dim",
+                    "input_size", "sampler", "reassign", "seed")
+
+
+PRESETS: dict[str, dict] = {
+    # PROTOCOLS.md §1 exactly.
+    "paper": {},
+    # Minutes on 2 CPU cores: Fashion-MNIST at 64 px, narrower fc, k = 10 x classes, small
+    # batches so that each epoch makes enough optimisation steps (see ENVIRONMENT.md).
+    "demo": dict(dataset="fashion-mnist", subset=6000, fc_dim=1024, k=100, pca_dim=64,
+                 epochs=8, batch_size=64, input_size=64, resize_size=72, workers=1,
+                 seed=31),
+}
+
+
+def preset_config(name: str, **overrides) -> PretrainConfig:
+    """The preset ``name`` with ``overrides`` (None values ignored) applied."""
+    if name not in PRESETS:
+        raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    known = {f.name for f in fields(PretrainConfig)}
+    base = {k: v for k, v in PRESETS[name].items() if k in known}
+    if "data" in overrides and overrides["data"] is not None:
+        base.pop("dataset", None)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(PretrainConfig(), **base)

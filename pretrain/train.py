@@ -1,0 +1,285 @@
+"""The DeepCluster training loop (PROTOCOLS.md §1, steps 1-8).
+
+Per epoch: fc7 pre-ReLU features (eval mode, centre crops) -> PCA-whiten-L2 -> k-means ->
+pseudo-labels -> uniform-over-clusters sampler -> one pass with a fresh head and its own
+momentum-free SGD; the body's SGD keeps its state across epochs.
+
+Every random draw of epoch ``e`` comes from generators seeded by ``(seed, e)``, so a run
+resumed from the checkpoint of epoch ``e`` is bit-identical (on CPU) to an uninterrupted one.
+Files in ``out``: ``checkpoint.pth`` (atomic, every epoch), ``log.jsonl`` (one line per epoch),
+``assignments.bin`` (int32, one row of N per epoch, appended) and ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from . import clustering
+from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
+from .config import PretrainConfig
+from .data import ArrayImageDataset, ImageListDataset, fashion_mnist, scan_image_folder
+from .errors import UserError
+from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
+from .sampler import make_sampler
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(size: int) -> T.Compose:
+    """RandomResizedCrop (default scale/ratio) + horizontal flip + ImageNet normalisation."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(resize: int, size: int) -> T.Compose:
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu.")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """Independent 63-bit seed per (run seed, epoch, stream)."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def load_pretrain_data(cfg: PretrainConfig):
+    """(dataset factory taking a transform, labels or None, a description)."""
+    if cfg.dataset == "fashion-mnist":
+        images, labels = fashion_mnist("train")
+        n = min(cfg.subset or len(images), len(images))
+        images, labels = images[:n], labels[:n]
+        return (lambda tf: ArrayImageDataset(images, labels, tf)), labels, f"fashion-mnist[:{n}]"
+    root = Path(cfg.data).expanduser()
+    if (root / "train").is_dir():
+        root = root / "train"
+    samples, classes = scan_image_folder(root, "pretraining data folder")
+    samples = samples[: cfg.subset] if cfg.subset else samples
+    labels = np.array([c for _, c in samples]) if classes else None
+    return (lambda tf: ImageListDataset(samples, tf)), labels, str(root)
+
+
+class PseudoLabelled(Dataset):
+    """The original dataset with cluster ids as targets (indexed by ORIGINAL ids)."""
+
+    def __init__(self, base, assign: np.ndarray):
+        self.base, self.assign = base, assign
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, _, _ = self.base[i]
+        return img, int(self.assign[i])
+
+
+@torch.no_grad()
+def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
+                     device: torch.device, desc: str = "features") -> np.ndarray:
+    """fc7 before its ReLU for every image, in order, in eval mode."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False, mininterval=2):
+        out.append(model.embed(x.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class ResumeState:
+    epoch: int = 0
+    prev_assign: np.ndarray | None = None
+
+
+class Assignments:
+    """Append-only int32 file of per-epoch cluster assignments (one row of N per epoch)."""
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n = path, n
+
+    def truncate(self, epochs: int) -> None:
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(epochs * self.n * 4)
+
+    def append(self, assign: np.ndarray) -> None:
+        with open(self.path, "ab") as f:
+            f.write(np.ascontiguousarray(assign, dtype=np.int32).tobytes())
+
+    @staticmethod
+    def read(path: Path, n: int) -> np.ndarray:
+        """All rows as an (epochs, n) int32 array."""
+        return np.fromfile(path, dtype=np.int32).reshape(-1, n)
+
+
+def _truncate_log(path: Path, epochs: int) -> None:
+    """Keep only the log lines of epochs < ``epochs`` (a crash may have left one more)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["epoch"] < epochs]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    tmp.replace(path)
+
+
+def _resume(cfg: PretrainConfig, out: Path, model: TapNet, opt: torch.optim.Optimizer
+            ) -> ResumeState:
+    ckpt_path = out / "checkpoint.pth"
+    if not ckpt_path.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}. Start without --resume, or "
+                        "point --out at the folder of the run to continue.")
+    ck = read_checkpoint_file(ckpt_path)
+    if ck.get("format") != FORMAT or "optimizer" not in ck:
+        raise UserError(f"--resume: {ckpt_path} is not a training checkpoint of this suite "
+                        "(no optimizer state); it can be evaluated but not resumed.")
+    saved = ck.get("config", {})
+    changed = {f: (saved.get(f), getattr(cfg, f)) for f in PretrainConfig.SHAPE_FIELDS
+               if saved.get(f) != getattr(cfg, f)}
+    if changed:
+        raise UserError(f"--resume: these settings differ from the run in {out}: "
+                        + ", ".join(f"{k} (run {a!r}, now {b!r})" for k, (a, b) in changed.items())
+                        + ". Use the same flags, or a new --out.")
+    sd = {k.replace("features.module.", "features."): v for k, v in ck["state_dict"].items()
+          if not k.startswith("top_layer.")}
+    model.load_state_dict(sd, strict=True)
+    opt.load_state_dict(ck["optimizer"])
+    prev = ck.get("assign")
+    return ResumeState(epoch=int(ck["epoch"]),
+                       prev_assign=prev.numpy().astype(np.int64) if prev is not None else None)
+
+
+def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
+                 head_opt: torch.optim.Optimizer, device: torch.device, epoch: int) -> float:
+    model.train()
+    crit = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, mininterval=2)
+    for it, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = crit(model(x), y)
+        if not torch.isfinite(loss):
+            raise UserError(f"training loss became {loss.item()} at epoch {epoch}, iteration "
+                            f"{it}: the network diverged. Lower --lr (now {opt.param_groups[0]['lr']})"
+                            "; the checkpoint of the previous epoch is intact (--resume).")
+        opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        head_opt.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
+    """Pretrain DeepCluster as ``cfg`` says; return the checkpoint path."""
+    cfg = cfg.validate()
+    out = Path(out).expanduser()
+    device = resolve_device(cfg.device)
+    make_ds, labels, desc = load_pretrain_data(cfg)
+    ds_train, ds_eval = make_ds(train_transform(cfg.input_size)), make_ds(
+        eval_transform(cfg.resize_size, cfg.input_size))
+    n = len(ds_eval)
+    if cfg.k > n:
+        raise UserError(f"--k {cfg.k} is larger than the number of images N={n} in {desc}; "
+                        "lower --k (the paper uses k = 10,000 for 1.28M images).")
+    if not resume and (out / "checkpoint.pth").exists():
+        raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume to continue "
+                        "it, or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    backend = cfg.kmeans_backend
+    if backend == "auto":
+        backend = "faiss" if "faiss" in clustering.available_backends() else "torch"
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelSpec(cfg.arch, cfg.sobel, cfg.fc_dim, None)).to(device)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    state = _resume(cfg, out, model, opt) if resume else ResumeState()
+    assignments = Assignments(out / "assignments.bin", n)
+    assignments.truncate(state.epoch)
+    _truncate_log(out / "log.jsonl", state.epoch)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, epochs %d..%d, device %s, k-means %s",
+             desc, n, cfg.arch, cfg.sobel, cfg.k, state.epoch, cfg.epochs - 1, device, backend)
+    prev = state.prev_assign
+    for epoch in range(state.epoch, cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        t = {"start": time.perf_counter()}
+        feats = extract_features(model, ds_eval, cfg.batch_size, cfg.workers, device,
+                                 desc=f"features {epoch}")
+        t["features"] = time.perf_counter()
+        x = clustering.pca_whiten_l2(feats, cfg.pca_dim)
+        t["pca"] = time.perf_counter()
+        km = clustering.kmeans(x, cfg.k, niter=cfg.kmeans_iters,
+                               seed=epoch_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
+                               device=device)
+        t["kmeans"] = time.perf_counter()
+        assign = np.asarray(km.assign, dtype=np.int64)
+        assignments.append(assign)
+
+        sampler = make_sampler(cfg.sampler, assign, cfg.reassign, epoch_seed(cfg.seed, epoch, 2))
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
+        loader = DataLoader(PseudoLabelled(ds_train, assign), batch_size=cfg.batch_size,
+                            sampler=sampler, num_workers=cfg.workers, generator=gen,
+                            drop_last=False)
+        model.top_layer = make_top_layer(embed_dim(model), cfg.k).to(device)
+        head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=cfg.head_lr,
+                                   weight_decay=cfg.head_weight_decay)
+        train_loss = _train_epoch(model, loader, opt, head_opt, device, epoch)
+        t["train"] = time.perf_counter()
+
+        sizes = np.bincount(assign, minlength=cfg.k)
+        row = {
+            "epoch": epoch,
+            "nmi_prev": None if prev is None else clustering.nmi(prev, assign),
+            "nmi_labels": None if labels is None or (labels < 0).any()
+            else clustering.nmi(labels, assign),
+            "kmeans_loss": float(km.loss), "train_loss": train_loss,
+            "empty_clusters": int((sizes == 0).sum()), "empty_splits": int(km.empty_splits),
+            "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                             "max": int(sizes.max())},
+            "seconds": {k: round(t[k] - t[p], 3) for p, k in
+                        zip(["start", "features", "pca", "kmeans"],
+                            ["features", "pca", "kmeans", "train"])}
+            | {"total": round(t["train"] - t["start"], 3)},
+            "img_per_s": {"features": round(n / max(t["features"] - t["start"], 1e-9), 1),
+                          "train": round(len(sampler) / max(t["train"] - t["kmeans"], 1e-9), 1)},
+        }
+        # log first, checkpoint last: a crash in between is undone by _truncate_log on resume
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        atomic_torch_save({
+            "format": FORMAT, "epoch": epoch + 1, "arch": cfg.arch,
+            "state_dict": to_released_keys(model.state_dict()), "optimizer": opt.state_dict(),
+            "config": cfg.to_dict(), "k": cfg.k, "sobel": cfg.sobel, "fc_dim": cfg.fc_dim,
+            "assign": torch.from_numpy(assign.astype(np.int32)),
+        }, out / "checkpoint.pth")
+        log.info("epoch %d: nmi_prev %s nmi_labels %s kmeans %.4g loss %.4f empty %d (%.1fs)",
+                 epoch, _fmt(row["nmi_prev"]), _fmt(row["nmi_labels"]), row["kmeans_loss"],
+                 train_loss, row["empty_clusters"], row["seconds"]["total"])
+        prev = assign
+    return out / "checkpoint.pth"
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

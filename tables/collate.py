@@ -1,0 +1,412 @@
+"""Records -> tidy DataFrame -> one pivot per paper table -> rows to render.
+
+* :func:`load_results` reads every cell/failure file under a results folder into two tidy
+  DataFrames (one row per record, one row per failed column). Corrupt files are reported
+  with a warning naming the file and skipped, never averaged.
+* :func:`collate_table` filters the records of one table (selection rule, test variant),
+  groups them by (checkpoint label, protocol, selection, variant) and pivots the columns:
+  mean, std and n over seeds; a column without a record shows ``failed`` (failure file) or
+  ``missing``.
+* :func:`build_view` joins the paper's published rows, our rows and the Δ rows into the
+  display strings that :mod:`tables.render` writes out.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from evaluations.records import (CELL_SCHEMA, FAILURE_SCHEMA, CorruptRecord,
+                                 iter_results_files, read_results_file)
+from pretrain.errors import UserError
+from tables import paper
+from tables.specs import SPECS, TableSpec
+
+log = logging.getLogger(__name__)
+
+RUN_ALL_HINT = "run `python -m evaluations.run_all --ckpt ...` first, or pass --results DIR"
+RECORD_COLUMNS = ("table", "column", "protocol", "selection", "variant", "seed", "metric",
+                  "value", "dataset_name", "ckpt_label", "ckpt_id", "ckpt_k", "file")
+FAILURE_COLUMNS = ("table", "column", "protocol", "ckpt_label", "ckpt_id", "error", "file")
+GROUP_KEYS = ["ckpt_label", "protocol", "selection", "variant"]
+
+SELECTION_TEXT = {
+    "best_epoch": "best_epoch (best epoch on the evaluation split, the paper's rule)",
+    "last_epoch": "last_epoch (last training epoch)",
+    "final": "final (end of training)",
+}
+EMBEDDED_PREFIX = "embedded/"
+DEFAULT = "default"  # selection / variant: the table spec's default
+
+
+@dataclass
+class Results:
+    """Everything read from one results folder."""
+
+    root: Path
+    records: pd.DataFrame
+    failures: pd.DataFrame
+    corrupt: list[str] = field(default_factory=list)
+
+
+def _ckpt_fields(ckpt: object, path: Path) -> tuple[str, str, int | None]:
+    """(label, id, k) of a record's checkpoint; the folder name stands in for a lost id."""
+    c = ckpt if isinstance(ckpt, dict) else {}
+    cid = str(c.get("id") or path.parent.name)
+    label = str(c.get("label") or cid)
+    k = c.get("k")
+    return label, cid, int(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else None
+
+
+def _record_rows(obj: dict, path: Path) -> list[dict]:
+    rows = []
+    for i, r in enumerate(obj["records"]):
+        value = float(r["value"])
+        if not math.isfinite(value):
+            log.warning("skipped record %d of %s: value %r is not finite", i, path, r["value"])
+            continue
+        label, cid, k = _ckpt_fields(r["checkpoint"], path)
+        rows.append({
+            "table": str(r["table"]), "column": str(r["column"]),
+            "protocol": str(r["protocol"]), "selection": str(r["selection"] or ""),
+            "variant": str(r["variant"] or ""), "seed": r["seed"], "metric": str(r["metric"]),
+            "value": value, "dataset_name": str(r["dataset_name"] or ""),
+            "ckpt_label": label, "ckpt_id": cid, "ckpt_k": k, "file": str(path),
+        })
+    return rows
+
+
+def _failure_rows(obj: dict, path: Path) -> list[dict]:
+    table, columns = obj.get("table"), obj.get("columns")
+    if not isinstance(table, str) or not isinstance(columns, list):
+        log.warning("skipped failure file %s: it names no 'table' and 'columns'", path)
+        return []
+    label, cid, _ = _ckpt_fields(obj.get("checkpoint"), path)
+    error = str(obj.get("error") or "").strip().splitlines()
+    return [{"table": table, "column": str(col), "protocol": str(obj.get("protocol") or ""),
+             "ckpt_label": label, "ckpt_id": cid, "error": error[-1] if error else "",
+             "file": str(path)} for col in columns]
+
+
+def load_results(root: Path | str) -> Results:
+    """Read every cell and failure file under ``root`` (``<root>/<ckpt-id>/*.json``).
+
+    Raises :class:`UserError` when the folder is missing, holds no result files, or holds
+    only corrupt ones.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"results folder {root} does not exist: {RUN_ALL_HINT}")
+    files = iter_results_files(root)
+    if not files:
+        raise UserError(f"results folder {root} holds no result files "
+                        f"(<ckpt-id>/<cell-key>.json): {RUN_ALL_HINT}")
+    records: list[dict] = []
+    failures: list[dict] = []
+    corrupt: list[str] = []
+    for path in files:
+        try:
+            obj = read_results_file(path)
+        except CorruptRecord as e:
+            log.warning("skipped corrupt results file %s", e)
+            corrupt.append(str(path))
+            continue
+        if obj["schema"] == CELL_SCHEMA:
+            records.extend(_record_rows(obj, path))
+        elif obj["schema"] == FAILURE_SCHEMA:
+            failures.extend(_failure_rows(obj, path))
+    if not records and not failures:
+        raise UserError(f"results folder {root} holds no readable records ({len(corrupt)} "
+                        f"corrupt file(s) skipped, see the warnings above): {RUN_ALL_HINT}")
+    rec = pd.DataFrame.from_records(records, columns=list(RECORD_COLUMNS))
+    rec["value"] = rec["value"].astype(float)
+    fail = pd.DataFrame.from_records(failures, columns=list(FAILURE_COLUMNS))
+    _warn_unknown_tables(rec, fail)
+    log.info("read %d records and %d failed columns from %d files in %s (%d corrupt)",
+             len(rec), len(fail), len(files), root, len(corrupt))
+    return Results(root, rec, fail, corrupt)
+
+
+def _warn_unknown_tables(rec: pd.DataFrame, fail: pd.DataFrame) -> None:
+    for name, df in (("records", rec), ("failures", fail)):
+        unknown = df[~df["table"].isin(list(SPECS))]
+        for table, files in unknown.groupby("table")["file"]:
+            log.warning("%d %s name table %r, which is not a paper table (%s); not shown: "
+                        "e.g. %s", len(files), name, table, ", ".join(SPECS), files.iloc[0])
+
+
+# --------------------------------------------------------------------------- collation
+
+
+@dataclass(frozen=True)
+class CellStat:
+    """One of our cells: mean, sample std and count over seeds, or its state."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    state: str  # "ok" | "missing" | "failed"
+
+    @property
+    def text(self) -> str:
+        if self.state != "ok" or self.mean is None:
+            return self.state
+        if self.n == 1:
+            return f"{self.mean:.1f}"
+        return f"{self.mean:.1f} ± {self.std:.1f} ({self.n})"
+
+
+@dataclass(frozen=True)
+class OurRow:
+    """One evaluated (checkpoint label, protocol, selection, variant) and its cells."""
+
+    ckpt_label: str
+    protocol: str
+    selection: str
+    variant: str
+    cells: dict[str, CellStat]
+
+    @property
+    def label(self) -> str:
+        parts = [self.ckpt_label, self.protocol, self.selection, self.variant]
+        return " · ".join(p for p in parts if p)
+
+
+@dataclass
+class Collated:
+    """One paper table's records after filtering, grouping and pivoting."""
+
+    spec: TableSpec
+    rows: list[OurRow]
+    mean: pd.DataFrame  # index: GROUP_KEYS, columns: the spec's column keys
+    selection: str | None
+    variant: str | None
+    selections_seen: list[str]
+    variants_seen: list[str]
+    unknown_protocols: list[str]
+    embedded_datasets: list[str]
+
+
+def filter_records(spec: TableSpec, records: pd.DataFrame, selection: str | None,
+                   variant: str | None, *, quiet: bool = False) -> pd.DataFrame:
+    """The records of ``spec``'s table that fit its columns, metric, selection and variant.
+
+    Records of an unknown column or of another metric are dropped with a warning; records
+    of another selection rule or variant are dropped with an info line (debug if ``quiet``).
+    """
+    warn = log.debug if quiet else log.warning
+    info = log.debug if quiet else log.info
+    df = records[records["table"] == spec.id]
+    bad_col = ~df["column"].isin(list(spec.column_keys))
+    if bad_col.any():
+        cols = sorted(df.loc[bad_col, "column"].unique())
+        warn("%s: %d records with unknown column(s) %s not shown (columns are %s); e.g. %s",
+             spec.id, int(bad_col.sum()), cols, ", ".join(spec.column_keys),
+             df.loc[bad_col, "file"].iloc[0])
+        df = df[~bad_col]
+    ok_metric = [spec.metric_ok(c, m) for c, m in zip(df["column"], df["metric"])]
+    bad_metric = ~pd.Series(ok_metric, index=df.index, dtype=bool)
+    if bad_metric.any():
+        warn("%s: %d records with metric(s) %s not shown (this table reports %s); e.g. %s",
+             spec.id, int(bad_metric.sum()), sorted(df.loc[bad_metric, "metric"].unique()),
+             sorted({c.metric for c in spec.columns}), df.loc[bad_metric, "file"].iloc[0])
+        df = df[~bad_metric]
+    for key, want in (("selection", selection), ("variant", variant)):
+        if want is None:
+            continue
+        other = df[key] != want
+        if other.any():
+            info("%s: %d records with %s %s not shown (use --%s any to show them)",
+                 spec.id, int(other.sum()), key, sorted(df.loc[other, key].unique()), key)
+            df = df[~other]
+    return df
+
+
+def _warn_mixed_k(spec: TableSpec, df: pd.DataFrame) -> None:
+    """Checkpoints of different k under one label would be averaged as if they were seeds."""
+    ks = df.dropna(subset=["ckpt_k"]).groupby(GROUP_KEYS)["ckpt_k"].unique()
+    for key, values in ks.items():
+        if len(values) > 1:
+            log.warning("%s: row %r averages checkpoints with different k %s as if they were "
+                        "seeds: give each checkpoint its own label", spec.id,
+                        " · ".join(p for p in key if p), sorted(int(v) for v in values))
+
+
+def collate_table(spec: TableSpec, results: Results, selection: str | None = DEFAULT,
+                  variant: str | None = DEFAULT) -> Collated:
+    """Pivot one table: one row per (checkpoint label, protocol, selection, variant).
+
+    ``selection`` / ``variant``: a value to keep, ``None`` for any, or ``DEFAULT`` for the
+    spec's default (``best_epoch`` / ``10crop`` for table1).
+    """
+    selection = spec.selection if selection == DEFAULT else selection
+    variant = spec.variant if variant == DEFAULT else variant
+    df = filter_records(spec, results.records, selection, variant)
+    fail = results.failures[results.failures["table"] == spec.id]
+    fail = fail[fail["column"].isin(list(spec.column_keys))]
+
+    known = set(spec.protocols)
+    unknown = sorted((set(df["protocol"]) | set(fail["protocol"])) - known)
+    if unknown:
+        log.warning("%s: records of unknown protocol(s) %s are shown but are not the paper's "
+                    "protocols (%s)", spec.id, unknown, ", ".join(spec.protocols))
+
+    _warn_mixed_k(spec, df)
+    stats = (df.groupby(GROUP_KEYS + ["column"], sort=True)["value"]
+             .agg(["mean", "std", "count"]))
+    mean = stats["mean"].unstack("column") if len(stats) else pd.DataFrame(
+        index=pd.MultiIndex.from_tuples([], names=GROUP_KEYS))
+    mean = mean.reindex(columns=list(spec.column_keys))
+
+    failed = set(zip(fail["ckpt_label"], fail["protocol"], fail["column"]))
+    keys = list(mean.index)
+    have = {(k[0], k[1]) for k in keys}
+    for lbl, proto in sorted(set(zip(fail["ckpt_label"], fail["protocol"]))):
+        if (lbl, proto) not in have:
+            keys.append((lbl, proto, selection or "", variant or ""))
+    keys.sort()
+
+    lookup = stats.to_dict("index")
+    rows = []
+    for key in keys:
+        cells = {}
+        for col in spec.column_keys:
+            s = lookup.get((*key, col))
+            if s is not None:
+                std = s["std"] if s["count"] > 1 else None
+                cells[col] = CellStat(float(s["mean"]), std, int(s["count"]), "ok")
+            elif (key[0], key[1], col) in failed:
+                cells[col] = CellStat(None, None, 0, "failed")
+            else:
+                cells[col] = CellStat(None, None, 0, "missing")
+        rows.append(OurRow(*key, cells=cells))
+
+    embedded = sorted({d for d in df["dataset_name"] if d.startswith(EMBEDDED_PREFIX)})
+    return Collated(spec, rows, mean, selection, variant,
+                    sorted(set(df["selection"])), sorted(set(df["variant"])),
+                    unknown, embedded)
+
+
+# --------------------------------------------------------------------------- view
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    """One rendered row: ``kind`` is ``paper``, ``ours`` or ``delta``."""
+
+    kind: str
+    label: str
+    attrs: tuple[str, ...]
+    texts: tuple[str, ...]
+    values: tuple[float | None, ...]
+    supervised: bool = False
+
+
+@dataclass(frozen=True)
+class TableView:
+    """A table ready to render: title, caption line, rows and notes."""
+
+    spec: TableSpec
+    title: str
+    caption: str
+    rows: tuple[ViewRow, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def headers(self) -> list[str]:
+        return ["Method", *self.spec.row_attrs, *(c.label for c in self.spec.columns)]
+
+    def best(self) -> list[set[int]]:
+        """Per column, the row indices holding the best unsupervised value (ties kept)."""
+        out = []
+        for j in range(len(self.spec.columns)):
+            vals = {i: round(r.values[j], 1) for i, r in enumerate(self.rows)
+                    if r.kind in ("paper", "ours") and not r.supervised
+                    and r.values[j] is not None}
+            top = max(vals.values(), default=None)
+            out.append({i for i, v in vals.items() if v == top})
+        return out
+
+
+def _paper_text(c: paper.PaperCell | None) -> str:
+    if c is None:
+        return ""
+    if c.value is None:
+        return "—"
+    return f"{c.value:.1f}" + (f" {c.marker}" if c.marker else "")
+
+
+def paper_rows(spec: TableSpec) -> list[ViewRow]:
+    """The paper's published rows of ``spec``, in the paper's order."""
+    by_row: dict[tuple, dict[str, paper.PaperCell]] = {}
+    for c in paper.cells_for(spec.id):
+        by_row.setdefault(c.row_key, {})[c.column] = c
+    rows = []
+    for (name, attrs), cells in by_row.items():
+        got = [cells.get(k) for k in spec.column_keys]
+        amap = dict(attrs)
+        rows.append(ViewRow("paper", name, tuple(amap.get(a, "") for a in spec.row_attrs),
+                            tuple(_paper_text(c) for c in got),
+                            tuple(c.value if c else None for c in got),
+                            supervised=name in paper.SUPERVISED_ROWS))
+    return rows
+
+
+def _delta_text(ours: float | None, ref: float | None) -> str:
+    """Signed difference of the displayed (one-decimal) value and the published one."""
+    if ours is None or ref is None:
+        return ""
+    d = round(float(f"{ours:.1f}") - ref, 1) + 0.0  # + 0.0: no "-0.0"
+    return f"{d:+.1f}"
+
+
+def _selection_text(col: Collated) -> str:
+    if col.selection is not None:
+        sel = SELECTION_TEXT.get(col.selection, col.selection)
+    else:
+        seen = [s for s in col.selections_seen if s]
+        sel = "as recorded" + (f" ({', '.join(seen)})" if seen else "")
+    if col.variant is not None:
+        var = col.variant
+    else:
+        seen = [v for v in col.variants_seen if v]
+        var = "as recorded" + (f" ({', '.join(seen)})" if seen else "")
+    return f"Selection: {sel}; test variant: {var}."
+
+
+def build_view(col: Collated) -> TableView:
+    """Paper rows, then our rows, then one Δ row per our row."""
+    spec = col.spec
+    rows = paper_rows(spec)
+    ref_name, ref_attrs = spec.reference
+    ref = {c.column: c.value for c in paper.cells_for(spec.id) if c.row_key == (ref_name, ref_attrs)}
+    blank = tuple("" for _ in spec.row_attrs)
+    ours = col.rows or [OurRow("(no records for this table)", "", "", "",
+                               {k: CellStat(None, None, 0, "missing") for k in spec.column_keys})]
+    for r in ours:
+        cells = [r.cells[k] for k in spec.column_keys]
+        rows.append(ViewRow("ours", r.label, blank, tuple(c.text for c in cells),
+                            tuple(c.mean for c in cells)))
+    ref_label = ref_name + "".join(f", {v}" for _, v in ref_attrs)
+    for r in col.rows:
+        means = [r.cells[k].mean for k in spec.column_keys]
+        rows.append(ViewRow("delta", f"Δ vs paper {ref_label} ({r.label})", blank,
+                            tuple(_delta_text(m, ref.get(k))
+                                  for m, k in zip(means, spec.column_keys)),
+                            tuple(None for _ in means)))
+    caption = (f"Protocol: {spec.protocol_note}. {_selection_text(col)} "
+               f"Our cells: mean ± std (n) over seeds; Δ = ours − paper {ref_label}.")
+    notes = [f"Published rows: {paper.SOURCES[spec.id]}."]
+    if any(c.source == paper.ERRATUM_SOURCE for c in paper.cells_for(spec.id)):
+        notes.append(f"{paper.ERRATUM_ROW}: {paper.ERRATUM_SOURCE}, {paper.ERRATUM_NOTE}.")
+    if col.embedded_datasets:
+        notes.append("Our numbers come from the embedded demo suite ("
+                     f"{', '.join(col.embedded_datasets)}), not the paper's datasets: "
+                     "they are not comparable to the published numbers.")
+    if col.unknown_protocols:
+        notes.append(f"Unknown protocol(s) {', '.join(col.unknown_protocols)}: not the "
+                     f"paper's protocols ({', '.join(spec.protocols)}).")
+    return TableView(spec, spec.title, caption, tuple(rows), tuple(notes))

@@ -1,0 +1,246 @@
+"""Collation semantics (seeds, states, selection, deltas) and the bad inputs a user can give:
+missing or empty results folder, corrupt files, unknown protocol / table / metric; CLI."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.errors import UserError
+from tables.collate import build_view, collate_table, load_results
+from tables.specs import SPECS
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures" / "tables"
+_spec = importlib.util.spec_from_file_location("tables_fixture_records", FIXTURES / "records.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+T1 = SPECS["table1"]
+OURS = ("DeepCluster (ours, demo)", "dc2018", "best_epoch", "10crop")
+
+
+def _row(col, key):
+    rows = [r for r in col.rows if (r.ckpt_label, r.protocol, r.selection, r.variant) == key]
+    assert len(rows) == 1, [r.label for r in col.rows]
+    return rows[0]
+
+
+@pytest.fixture
+def golden(tmp_path) -> Path:
+    return fx.golden_results(tmp_path / "results")
+
+
+def test_seeds_give_mean_std_n(golden):
+    col = collate_table(T1, load_results(golden))
+    c = _row(col, OURS).cells["imagenet/conv3"]
+    assert c.n == 2 and c.state == "ok"
+    assert c.mean == pytest.approx(statistics.mean([41.2, 42.0]))
+    assert c.std == pytest.approx(statistics.stdev([41.2, 42.0]))
+    assert c.text == "41.6 ± 0.6 (2)"
+    one = _row(col, OURS).cells["places/conv1"]
+    assert (one.n, one.std, one.text) == (1, None, "18.0")
+
+
+def test_missing_and_failed_cells_stay_visible(golden):
+    cells = _row(collate_table(T1, load_results(golden)), OURS).cells
+    assert cells["places/conv4"].state == "missing" and cells["places/conv4"].text == "missing"
+    assert cells["places/conv5"].state == "failed" and cells["places/conv5"].text == "failed"
+
+
+def test_failure_without_any_record_gets_its_own_row(tmp_path):
+    res = tmp_path / "results"
+    fx.write(res, "ok", [fx.make_record("table1", "imagenet/conv1", 10.0, ckpt=fx.RANDOM)])
+    fx.fail(res, "boom", "table1", ["imagenet/conv1", "imagenet/conv2"])
+    col = collate_table(T1, load_results(res))
+    row = _row(col, OURS)
+    assert [row.cells[f"imagenet/conv{i}"].state for i in (1, 2, 3)] == \
+        ["failed", "failed", "missing"]
+
+
+def test_selection_and_variant_filters(golden):
+    res = load_results(golden)
+    default = collate_table(T1, res)
+    assert {(r.selection, r.variant) for r in default.rows} == {("best_epoch", "10crop")}
+    last = collate_table(T1, res, selection="last_epoch")
+    assert _row(last, (OURS[0], "dc2018", "last_epoch", "10crop")).cells[
+        "imagenet/conv1"].text == "1.0"
+    anything = collate_table(T1, res, selection=None, variant=None)
+    assert {(r.selection, r.variant) for r in anything.rows if r.protocol == "dc2018"
+            and r.ckpt_label == OURS[0]} == {("best_epoch", "10crop"),
+                                             ("last_epoch", "10crop"),
+                                             ("best_epoch", "center")}
+
+
+def test_delta_uses_displayed_value_and_never_prints_minus_zero(tmp_path):
+    res = tmp_path / "results"
+    fx.write(res, "a", [fx.make_record("table1", "imagenet/conv3", 40.96),
+                        fx.make_record("table1", "imagenet/conv4", 39.64),
+                        fx.make_record("table1", "imagenet/conv5", 40.0)])
+    view = build_view(collate_table(T1, load_results(res)))
+    delta = next(r for r in view.rows if r.kind == "delta")
+    texts = dict(zip(T1.column_keys, delta.texts))
+    assert texts["imagenet/conv3"] == "+0.0"  # 41.0 - 41.0
+    assert texts["imagenet/conv4"] == "+0.0"  # 39.6 - 39.6
+    assert texts["imagenet/conv5"] == "+1.8"  # 40.0 - 38.2
+    assert texts["imagenet/conv1"] == ""      # missing
+
+
+def test_corrupt_file_is_reported_and_skipped(golden, caplog):
+    bad = golden / "dc-demo" / "zz-corrupt.json"
+    bad.write_text('{"schema": "dcbench.cell/1", "records": [')
+    wrong = golden / "dc-demo" / "zz-wrong-schema.json"
+    wrong.write_text('{"schema": "something/else"}')
+    with caplog.at_level(logging.WARNING):
+        res = load_results(golden)
+    text = caplog.text
+    assert str(bad) in text and str(wrong) in text
+    assert sorted(res.corrupt) == sorted([str(bad), str(wrong)])
+    # nothing from the corrupt files is averaged in
+    assert _row(collate_table(T1, res), OURS).cells["imagenet/conv1"].n == 2
+
+
+def test_non_finite_value_is_reported_and_skipped(tmp_path, caplog):
+    res = tmp_path / "results"
+    path = fx.write(res, "nan", [fx.make_record("table1", "imagenet/conv1", float("nan")),
+                                 fx.make_record("table1", "imagenet/conv1", 12.0, seed=1)])
+    with caplog.at_level(logging.WARNING):
+        cells = _row(collate_table(T1, load_results(res)), OURS).cells
+    assert str(path) in caplog.text and "not finite" in caplog.text
+    assert (cells["imagenet/conv1"].n, cells["imagenet/conv1"].text) == (1, "12.0")
+
+
+def test_unknown_protocol_is_shown_with_a_warning(golden, caplog):
+    with caplog.at_level(logging.WARNING):
+        col = collate_table(T1, load_results(golden))
+    assert "my-probe" in caplog.text and "unknown protocol" in caplog.text
+    assert col.unknown_protocols == ["my-probe"]
+    assert _row(col, (OURS[0], "my-probe", "best_epoch", "10crop")).cells[
+        "imagenet/conv3"].text == "40.0"
+    assert any("Unknown protocol(s) my-probe" in n for n in build_view(col).notes)
+
+
+def test_unknown_table_column_and_metric_are_not_averaged(tmp_path, caplog):
+    res = tmp_path / "results"
+    fx.write(res, "t", [fx.make_record("table9", "imagenet/conv1", 1.0),
+                        fx.make_record("table1", "imagenet/conv9", 2.0),
+                        fx.make_record("table1", "imagenet/conv1", 99.0, metric="top5"),
+                        fx.make_record("table1", "imagenet/conv1", 12.0, metric="acc1")])
+    with caplog.at_level(logging.WARNING):
+        col = collate_table(T1, load_results(res))
+    assert "'table9'" in caplog.text
+    assert "imagenet/conv9" in caplog.text
+    assert "top5" in caplog.text
+    assert _row(col, OURS).cells["imagenet/conv1"].text == "12.0"
+
+
+def test_embedded_suite_note(golden):
+    res = load_results(golden)
+    notes = build_view(collate_table(T1, res)).notes
+    assert any("embedded demo suite" in n and "embedded/fashion-mnist" in n for n in notes)
+    ret = build_view(collate_table(SPECS["retrieval"], res)).notes
+    assert not any("embedded" in n for n in ret)
+
+
+def test_table_without_records_shows_missing_row(tmp_path):
+    res = tmp_path / "results"
+    fx.write(res, "a", [fx.make_record("table1", "imagenet/conv1", 10.0)])
+    view = build_view(collate_table(SPECS["retrieval"], load_results(res)))
+    ours = [r for r in view.rows if r.kind == "ours"]
+    assert [r.texts for r in ours] == [("missing", "missing")]
+    assert not [r for r in view.rows if r.kind == "delta"]
+
+
+# ----------------------------------------------------------------------------- bad folders
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"does not exist.*evaluations\.run_all --ckpt"):
+        load_results(tmp_path / "nope")
+
+
+def test_empty_folder_is_a_user_error(tmp_path):
+    (tmp_path / "results" / "ckpt").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds no result files.*evaluations\.run_all"):
+        load_results(tmp_path / "results")
+
+
+def test_only_corrupt_files_is_a_user_error(tmp_path):
+    (tmp_path / "results" / "ckpt").mkdir(parents=True)
+    (tmp_path / "results" / "ckpt" / "a.json").write_text("not json")
+    with pytest.raises(UserError, match=r"no readable records \(1 corrupt"):
+        load_results(tmp_path / "results")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, module: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    entry = ["-m", "tables.render"] if module else [str(REPO / "tables" / "render.py")]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
+def test_cli_renders(golden, tmp_path, module):
+    out = tmp_path / "out"
+    run = _cli("--results", str(golden), "--out", str(out), "--format", "md",
+               "--tables", "table1", "voc", "--no-figures", module=module)
+    assert run.returncode == 0, run.stderr
+    assert "| DeepCluster " in run.stdout and "### Pascal VOC" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["table1.md", "tables.md", "voc.md"]
+    assert "my-probe" in run.stderr  # the unknown-protocol warning
+
+
+def test_cli_script_runs_from_another_folder(golden, tmp_path):
+    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"), "--format", "latex",
+               "--tables", "retrieval", "--no-figures", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(r"\begin{table}")
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_cli_bad_folder_one_line_exit_2(tmp_path, make):
+    res = tmp_path / "results"
+    if make == "empty":
+        res.mkdir()
+    run = _cli("--results", str(res), "--out", str(tmp_path / "o"), "--no-figures")
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert str(res) in lines[0] and "python -m evaluations.run_all --ckpt" in lines[0]
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_cli_corrupt_file_warns_with_its_name(golden, tmp_path):
+    bad = golden / "dc-demo" / "broken.json"
+    bad.write_text("{")
+    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"), "--tables", "table1",
+               "--format", "md", "--no-figures")
+    assert run.returncode == 0
+    assert f"WARNING: skipped corrupt results file {bad}" in run.stderr
+
+
+def test_cli_missing_log_exit_2(golden, tmp_path):
+    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"),
+               "--logs", str(tmp_path / "no-run"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert str(tmp_path / "no-run") in run.stderr and "log.jsonl" in run.stderr
+
+
+def test_label_mixing_several_k_warns(tmp_path, caplog):
+    res = tmp_path / "results"
+    for k in (100, 1000):
+        ckpt = {**fx.DEMO, "id": f"k{k}", "k": k}
+        fx.write(res, f"k{k}", [fx.make_record("table1", "imagenet/conv1", 10.0, ckpt=ckpt)])
+    with caplog.at_level(logging.WARNING):
+        collate_table(T1, load_results(res))
+    assert "different k [100, 1000]" in caplog.text and "own label" in caplog.text
