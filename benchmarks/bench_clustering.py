@@ -37,6 +37,7 @@ class BenchConfig:
     k: int = 1000
     niter: int = 20
     seed: int = 0
+    repeat: int = 1  # best of this many timed calls
 
 
 QUICK = BenchConfig(n=5000, d_in=128, d=32, k=50)
@@ -52,10 +53,14 @@ def synthetic_features(cfg: BenchConfig) -> np.ndarray:
     return x
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
+    """The last result and the best wall time of ``repeat`` calls."""
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 def faiss_pca_l2(x: np.ndarray, dim: int) -> np.ndarray:
@@ -83,11 +88,13 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
 
     # --- PCA-whitening + L2
     pca_whiten_l2(warm, cfg.d)
-    x, t = timed(lambda: pca_whiten_l2(x_in, cfg.d))
+    x, t = timed(lambda: pca_whiten_l2(x_in, cfg.d), cfg.repeat)
     record("pca", "torch-cpu", t)
+    x32, t = timed(lambda: pca_whiten_l2(x_in, cfg.d, scatter_dtype=torch.float32), cfg.repeat)
+    record("pca", "torch-cpu-fp32scatter", t)
     if have_faiss:
         faiss_pca_l2(warm, cfg.d)
-        x_ref, t = timed(lambda: faiss_pca_l2(x_in, cfg.d))
+        x_ref, t = timed(lambda: faiss_pca_l2(x_in, cfg.d), cfg.repeat)
         record("pca", "faiss-cpu", t)
         signs = np.sign((x * x_ref).sum(axis=0))
         pca_max_abs_diff = float(np.abs(x * signs - x_ref).max())
@@ -95,7 +102,7 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
         xg_in = torch.from_numpy(x_in).cuda()
         pca_whiten_l2(xg_in[: warm.shape[0]], cfg.d)
         torch.cuda.synchronize()
-        _, t = timed(lambda: (pca_whiten_l2(xg_in, cfg.d), torch.cuda.synchronize()))
+        _, t = timed(lambda: (pca_whiten_l2(xg_in, cfg.d), torch.cuda.synchronize()), cfg.repeat)
         record("pca", "torch-cuda", t)
         del xg_in
 
@@ -108,7 +115,10 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
         runs.append(("torch-cuda", "torch", "cuda"))
     for name, backend, device in runs:
         kmeans(x[: cfg.k * 2], cfg.k, niter=2, seed=cfg.seed, backend=backend, device=device)
-        res, t = timed(lambda: kmeans(x, cfg.k, niter=cfg.niter, seed=cfg.seed, backend=backend, device=device))
+        res, t = timed(
+            lambda: kmeans(x, cfg.k, cfg.niter, cfg.seed, backend=backend, device=device),
+            cfg.repeat,
+        )
         record("kmeans", f"{name} ({res.device})", t)
         results[name] = res
 
@@ -116,11 +126,15 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
     ratios = {}
     agreement: dict[str, Any] = {}
     if have_faiss:
-        ratios["pca torch-cpu/faiss-cpu"] = seconds[("pca", "torch-cpu")] / seconds[("pca", "faiss-cpu")]
+        for impl in ("torch-cpu", "torch-cpu-fp32scatter"):
+            ratios[f"pca {impl}/faiss-cpu"] = seconds[("pca", impl)] / seconds[("pca", "faiss-cpu")]
         agreement["pca_max_abs_diff_after_sign_alignment"] = pca_max_abs_diff
+        agreement["pca_fp32scatter_max_abs_diff"] = float(np.abs(x32 - x).max())
         for name in ("torch-cpu", "torch-cuda"):
             if name in results:
-                ratios[f"kmeans {name}/faiss"] = seconds[("kmeans", name)] / seconds[("kmeans", "faiss")]
+                ratios[f"kmeans {name}/faiss"] = (
+                    seconds[("kmeans", name)] / seconds[("kmeans", "faiss")]
+                )
                 f, o = results["faiss"], results[name]
                 agreement[f"kmeans {name} vs faiss"] = {
                     "same_assignment_fraction": float(np.mean(f.assign == o.assign)),
@@ -129,7 +143,9 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
                     "empty_splits": [f.empty_splits, o.empty_splits],
                 }
     if "torch-cuda" in results:
-        ratios["pca torch-cuda/torch-cpu"] = seconds[("pca", "torch-cuda")] / seconds[("pca", "torch-cpu")]
+        ratios["pca torch-cuda/torch-cpu"] = (
+            seconds[("pca", "torch-cuda")] / seconds[("pca", "torch-cpu")]
+        )
     return {
         "config": asdict(cfg),
         "device": {
@@ -148,27 +164,32 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"N={cfg['n']} d_in={cfg['d_in']} d={cfg['d']} k={cfg['k']} niter={cfg['niter']} "
         f"threads={report['device']['cpu_threads']} cuda={report['device']['cuda']}",
-        f"{'step':<8} {'implementation':<22} {'seconds':>9}",
+        f"{'step':<8} {'implementation':<26} {'seconds':>9}",
     ]
-    lines += [f"{r['step']:<8} {r['impl']:<22} {r['seconds']:>9.3f}" for r in report["rows"]]
+    lines += [f"{r['step']:<8} {r['impl']:<26} {r['seconds']:>9.3f}" for r in report["rows"]]
     lines += [f"ratio {name}: {value:.2f}" for name, value in report["ratios"].items()]
     lines += [f"agreement {name}: {value}" for name, value in report["agreement"].items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help=f"small sizes ({QUICK})")
     p.add_argument("--n", type=int)
     p.add_argument("--d-in", type=int, help="feature dimension before PCA")
     p.add_argument("--d", type=int, help="PCA output dimension = k-means dimension")
     p.add_argument("--k", type=int)
     p.add_argument("--niter", type=int)
+    p.add_argument("--repeat", type=int, help="best of this many timed calls (default 1)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
     base = QUICK if args.quick else BenchConfig()
-    overrides = {f: getattr(args, f) for f in ("n", "d_in", "d", "k", "niter") if getattr(args, f) is not None}
+    fields = ("n", "d_in", "d", "k", "niter", "repeat")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     report = run(args.quick, BenchConfig(**{**asdict(base), **overrides}))
     print(format_table(report))
     return report

@@ -122,7 +122,15 @@ def train_heads(backbone: TapNet, heads: list[Head], train_ds, val_ds, cfg: Head
     """Train ``heads`` on frozen ``backbone``; evaluate every epoch on ``val_ds``.
 
     Raises RuntimeError if the backbone's weights or BN buffers changed (they must not).
+    Random crops drawn in this process (``workers=0``) come from torch's global RNG, seeded
+    here from ``cfg.seed`` and restored afterwards; workers are seeded by the loader.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc)
+
+
+def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
     before = state_fingerprint(backbone)
     backbone.eval()
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -78,19 +78,15 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
                             f"Pass --data-root {role}=PATH or --datasets FILE.toml "
                             "(or --suite demo for the embedded data).")
         if str(given[role]) == "embedded":
-            from .datasets.embedded import build_embedded
+            from .datasets.embedded import DATASET_NAMES, build_embedded
 
             emb = build_embedded(cache / "embedded", **suite.embedded)
-            roots[role], names[role] = emb[role], f"embedded/{_embedded_name(role)}"
+            roots[role], names[role] = emb[role], DATASET_NAMES[role]
         else:
             root = Path(given[role]).expanduser()
             READERS[role](root, "val")  # validates the layout now, not in a job hours later
             roots[role], names[role] = root, role
     return roots, names
-
-
-def _embedded_name(role: str) -> str:
-    return {"imagenet": "fashion-mnist", "places": "digits"}.get(role, role)
 
 
 def checkpoints(args, suite, results: Path) -> list:
@@ -210,7 +206,9 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
     by_job = {id(j): c for j, c in jobs_all}
     bar = tqdm(total=len(jobs_all), desc="cells", unit="cell")
 
-    def on_done(job, outcome, error, log_paths):
+    def on_done(outcome):
+        job, error = outcome.job, outcome.error
+        log_paths = str(outcome.stderr) if outcome.stderr else "(no log: in-process job)"
         cell = by_job[id(job)]
         if error is None:
             done.append(cell)
@@ -218,7 +216,8 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
             fpath = records.failure_path(results, cell.checkpoint["id"], cell.key)
             if not fpath.exists():  # the job died before the worker could say why
                 records.write_failure(results, cell.checkpoint["id"], cell.key, {
-                    "task": cell.task, "table": cell.table, "checkpoint": cell.checkpoint,
+                    "task": cell.task, "table": cell.table, "columns": list(cell.columns),
+                    "checkpoint": cell.checkpoint,
                     "protocol": cell.protocol, "dataset": cell.dataset,
                     "error": str(error).strip().splitlines()[-1][:500] if str(error).strip()
                     else type(error).__name__, "log": log_paths, "job_id": str(job.job_id),

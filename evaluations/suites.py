@@ -75,6 +75,7 @@ class Cell:
     config: dict
     checkpoint: dict
     resources: Resources
+    columns: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -147,7 +148,8 @@ def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str
     for ck in checkpoints:
         for spec in suite.cells:
             task = get_task(spec.task)
-            cfg = asdict(resolve_config(task, spec.config))
+            cfg_obj = resolve_config(task, spec.config)
+            cfg = asdict(cfg_obj)
             res = replace(task.resources, **{**suite.resources, **resource_overrides})
             for role in spec.datasets:
                 root = str(Path(roots[role]).resolve())
@@ -159,7 +161,8 @@ def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str
                     cells.append(Cell(key=key, task=task.name, table=task.table, dataset=role,
                                       data_root=root, dataset_name=names[role],
                                       protocol=task.protocol, seed=seed, config=cfg,
-                                      checkpoint=ck.to_dict(), resources=res))
+                                      checkpoint=ck.to_dict(), resources=res,
+                                      columns=tuple(task.columns(cfg_obj, role))))
     return cells
 
 

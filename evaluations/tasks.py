@@ -28,18 +28,21 @@ class TaskDef:
     protocol: str  # dc2018 = the paper's; dc2018-reimpl = settings never published
     resources: Resources  # at paper scale (one array task)
     description: str
+    columns: Callable[[Any, str], list[str]]  # (config, dataset role) -> table columns it fills
 
 
 TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
     "linear": TaskDef(
         "linear", "table1", linear.LinearProbeConfig, linear.run, ("imagenet", "places"),
         "dc2018", Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=64, timeout_min=72 * 60),
-        "Table 1: linear probes on conv1..conv5 (AvgPool ~9k dims, 90 epochs, 10-crop)"),
+        "Table 1: linear probes on conv1..conv5 (AvgPool ~9k dims, 90 epochs, 10-crop)",
+        lambda cfg, role: [f"{role}/{layer}" for layer in cfg.layers]),
     "fc_retrain": TaskDef(
         "fc_retrain", "supp_fc", fc_retrain.FcRetrainConfig, fc_retrain.run, ("imagenet",),
         "dc2018-reimpl", Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=64,
                                    timeout_min=72 * 60),
-        "Supplementary table: fc6-8 retrained on frozen conv layers (ImageNet Acc@1)"),
+        "Supplementary table: fc6-8 retrained on frozen conv layers (ImageNet Acc@1)",
+        lambda cfg, role: [f"{role}/acc1"]),
 })
 
 # role -> reader(root, split) -> Split

@@ -134,8 +134,9 @@ def run_cell(cell: dict) -> dict:
     except BaseException as e:
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         records.write_failure(results, ck_id, key, {
-            "task": cell["task"], "table": cell["table"], "checkpoint": cell["checkpoint"],
-            "protocol": cell["protocol"], "dataset": cell["dataset"], "error": msg,
+            "task": cell["task"], "table": cell["table"], "columns": list(cell["columns"]),
+            "checkpoint": cell["checkpoint"], "protocol": cell["protocol"],
+            "dataset": cell["dataset"], "error": msg,
             "traceback": traceback.format_exc(), "log": cell.get("log"), "job_id": job_id(),
             "time": _now()})
         raise

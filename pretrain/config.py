@@ -1,9 +1,15 @@
 """Pretraining configuration: the dataclass defaults ARE the paper's protocol (PROTOCOLS.md §1)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import UserError
+
+
+# smallest crop each network accepts: AlexNet's three 3x3/2 max-pools after the 11x11/4 conv1
+# need >= 63 px, VGG16's five 2x2 pools need >= 32 px (smaller inputs crash inside the net)
+MIN_INPUT_SIZE = {"alexnet": 63, "vgg16": 32}
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,26 @@ class PretrainConfig:
             raise UserError(f"--k must be >= 2 (got {self.k}).")
         if self.subset is not None and self.subset < 2:
             raise UserError(f"--subset must be >= 2 (got {self.subset}).")
+        if self.arch not in ("alexnet", "vgg16", "resnet50"):
+            raise UserError(f"unknown --arch {self.arch!r}; choose alexnet, vgg16 or resnet50.")
+        if self.sampler not in ("uniform", "released"):
+            raise UserError(f"--sampler must be uniform or released (got {self.sampler!r}).")
+        min_size = MIN_INPUT_SIZE.get(self.arch, 1)
+        if self.input_size < min_size:
+            raise UserError(f"--input-size {self.input_size} is too small for --arch {self.arch}: "
+                            f"its feature maps vanish below {min_size} px (paper 224).")
+        if self.resize_size < self.input_size:
+            raise UserError(f"--resize-size {self.resize_size} is smaller than --input-size "
+                            f"{self.input_size}: the centre crop would be zero-padded "
+                            "(paper 256 / 224).")
         if self.pca_dim > self.fc_dim and self.arch != "resnet50":
             raise UserError(f"--pca-dim {self.pca_dim} exceeds the feature width --fc-dim "
                             f"{self.fc_dim}; lower --pca-dim.")
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise UserError("--lr and --head-lr must be > 0.")
+        if not (0 < self.lr < math.inf and 0 < self.head_lr < math.inf):
+            raise UserError(f"--lr and --head-lr must be finite and > 0 (got {self.lr}, "
+                            f"{self.head_lr}).")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0 (got {self.workers}).")
         if self.kmeans_backend not in ("auto", "faiss", "torch"):
             raise UserError(f"--kmeans-backend must be auto, faiss or torch (got {self.kmeans_backend!r}).")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

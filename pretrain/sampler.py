@@ -83,7 +83,9 @@ def uniform_indices(lists: list[np.ndarray], n_total: int, seed: int) -> np.ndar
 class UniformClusterSampler(Sampler[int]):
     """Uniform over non-empty clusters; yields original dataset indices (see module doc)."""
 
-    def __init__(self, assign: np.ndarray, reassign: float = 1, seed: int = 0, k: int | None = None) -> None:
+    def __init__(
+        self, assign: np.ndarray, reassign: float = 1, seed: int = 0, k: int | None = None
+    ) -> None:
         self.lists = cluster_lists(assign, k)
         self.n_total = sample_count(len(assign), reassign)
         self.seed = seed

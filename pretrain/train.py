@@ -91,6 +91,32 @@ class PseudoLabelled(Dataset):
         return img, int(self.assign[i])
 
 
+_WORKER_ERROR = f"\n{UserError.__module__}.{UserError.__qualname__}: "
+
+
+def _unwrap_worker_error(e: UserError) -> UserError:
+    """A UserError raised inside a DataLoader worker (a corrupt image with --workers > 0) comes
+    back as 'Caught UserError in DataLoader worker process N. Original Traceback ...
+    pretrain.errors.UserError: <message>': keep only <message>, as with --workers 0."""
+    msg = str(e)
+    if "Original Traceback" in msg and _WORKER_ERROR in msg:
+        return UserError(msg.rsplit(_WORKER_ERROR, 1)[1].strip())
+    return e
+
+
+def _batches(loader: DataLoader):
+    """Iterate ``loader``, turning worker-wrapped UserErrors back into plain ones."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise _unwrap_worker_error(e) from None
+        yield batch
+
+
 @torch.no_grad()
 def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
                      device: torch.device, desc: str = "features") -> np.ndarray:
@@ -98,7 +124,8 @@ def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = []
-    for x, _, _ in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    for x, _, _ in tqdm(_batches(loader), total=len(loader), desc=desc, leave=False,
+                        mininterval=2):
         out.append(model.embed(x.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out).numpy()
 
@@ -134,8 +161,14 @@ def _truncate_log(path: Path, epochs: int) -> None:
     """Keep only the log lines of epochs < ``epochs`` (a crash may have left one more)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["epoch"] < epochs]
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:  # blank, or a line cut short by a crash
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < epochs:
+            kept.append(ln)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     tmp.replace(path)
@@ -162,6 +195,10 @@ def _resume(cfg: PretrainConfig, out: Path, model: TapNet, opt: torch.optim.Opti
           if not k.startswith("top_layer.")}
     model.load_state_dict(sd, strict=True)
     opt.load_state_dict(ck["optimizer"])
+    # load_state_dict restores the saved hyper-parameters too: the flags of this call win
+    # (e.g. --resume --lr 0.01 after a divergence), the momentum buffers are kept
+    for group in opt.param_groups:
+        group.update(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     prev = ck.get("assign")
     return ResumeState(epoch=int(ck["epoch"]),
                        prev_assign=prev.numpy().astype(np.int64) if prev is not None else None)
@@ -172,14 +209,18 @@ def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
     model.train()
     crit = nn.CrossEntropyLoss()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, mininterval=2)
+    bar = tqdm(_batches(loader), total=len(loader), desc=f"train {epoch}", leave=False,
+               mininterval=2)
     for it, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = crit(model(x), y)
         if not torch.isfinite(loss):
+            lr = opt.param_groups[0]["lr"]
+            fix = (f"rerun with a lower --lr (now {lr}): no epoch had finished" if epoch == 0
+                   else f"lower --lr (now {lr}) and continue from the intact checkpoint of "
+                   f"epoch {epoch} with --resume")
             raise UserError(f"training loss became {loss.item()} at epoch {epoch}, iteration "
-                            f"{it}: the network diverged. Lower --lr (now {opt.param_groups[0]['lr']})"
-                            "; the checkpoint of the previous epoch is intact (--resume).")
+                            f"{it}: the network diverged; {fix}.")
         opt.zero_grad(set_to_none=True)
         head_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,6 +243,9 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     if cfg.k > n:
         raise UserError(f"--k {cfg.k} is larger than the number of images N={n} in {desc}; "
                         "lower --k (the paper uses k = 10,000 for 1.28M images).")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run (it is created "
+                        "if missing).")
     if not resume and (out / "checkpoint.pth").exists():
         raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume to continue "
                         "it, or choose another --out.")

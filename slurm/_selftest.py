@@ -43,17 +43,24 @@ def record_pid(folder: str, tag: str, seconds: float) -> dict[str, float]:
     return record
 
 
-def resumable_count(state_dir: str, steps: int, step_s: float) -> dict[str, object]:
+def resumable_count(
+    state_dir: str, steps: int, step_s: float, steps_after_resume: int = 0
+) -> dict[str, object]:
     """Counts to ``steps``, one step per ``step_s`` seconds, resuming from ``state_dir``.
 
     Progress is saved after every step (atomic rename), so a requeued job continues where
-    the previous run stopped. Returns the number of runs and the steps each run did.
+    the previous run stopped. With ``steps_after_resume > 0`` a resumed run stops after that
+    many more steps (a first run can then outlast its time limit). Returns the number of
+    runs and the steps each run did.
     """
     state_path = Path(state_dir) / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": 0, "runs": []}
     state["runs"].append([])
     _save(state_path, state)
-    while state["done"] < steps:
+    target = steps
+    if steps_after_resume and len(state["runs"]) > 1:
+        target = min(steps, state["done"] + steps_after_resume)
+    while state["done"] < target:
         time.sleep(step_s)
         state["done"] += 1
         state["runs"][-1].append(state["done"])

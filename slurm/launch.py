@@ -130,7 +130,9 @@ def _parameters(kind: str, resources: Resources, name: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- arrays
-def submit_array(executor: submitit.Executor, fn: Callable[..., R], args_list: Iterable[Any]) -> list[Any]:
+def submit_array(
+    executor: submitit.Executor, fn: Callable[..., R], args_list: Iterable[Any]
+) -> list[submitit.Job[R] | QueuedJob]:
     """Submit ``fn(*args)`` for each ``args`` in ``args_list`` as one array; return its jobs.
 
     Each item is a tuple of positional arguments (any other value is one argument); all
@@ -148,7 +150,7 @@ def submit_array(executor: submitit.Executor, fn: Callable[..., R], args_list: I
         limit = resources.local_parallelism()
         if limit < len(calls):
             return _LocalQueue(executor, fn, calls, limit).jobs
-    jobs: list[Any] = []
+    jobs: list[submitit.Job[R] | QueuedJob] = []
     for start in range(0, len(calls), MAX_ARRAY_SIZE):
         chunk = calls[start : start + MAX_ARRAY_SIZE]
         jobs.extend(executor.map_array(fn, *zip(*chunk)))
@@ -271,15 +273,17 @@ def wait(
     poll_s: float = 1.0,
     timeout_s: float | None = None,
     squeue_every_s: float = SQUEUE_EVERY_S,
+    result_grace_s: float = 15.0,
 ) -> list[JobOutcome]:
     """Poll ``jobs`` until all have ended; call ``on_done`` as each ends; return outcomes in order.
 
     A failed job gives an outcome whose ``error`` holds the exception (its text includes the
     job's traceback) and whose ``stderr`` is the job's log path (the debug executor logs to
-    the console). SLURM jobs that left the queue without a result (killed or cancelled on a
-    cluster without accounting, where submitit cannot tell) end, after at most
-    ``squeue_every_s``, with an ``UncompletedJobError`` instead of waiting forever.
-    Raises ``TimeoutError`` if ``timeout_s`` passes first.
+    the console). A job that ended without writing a result (killed, cancelled, out of time
+    or memory) gets an ``UncompletedJobError`` once its result file has not appeared for
+    ``result_grace_s`` (slow shared file systems). SLURM jobs that left the queue are found
+    with squeue every ``squeue_every_s``, so clusters without accounting (where submitit
+    reports UNKNOWN forever) cannot hang this. Raises ``TimeoutError`` after ``timeout_s``.
     """
     pending = dict(enumerate(jobs))
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -290,10 +294,11 @@ def wait(
         if time.monotonic() - last_squeue >= squeue_every_s:
             vanished, last_squeue = _left_slurm_queue(pending.values()), time.monotonic()
         for index, job in list(pending.items()):
-            if job.job_id in vanished and not _has_result(job):
-                outcome = _vanished(index, job)
-            elif isinstance(job, DebugJob) or job.done():
+            if isinstance(job, DebugJob):
                 outcome = _collect(index, job)
+            elif job.job_id in vanished or job.done():
+                has_result = _has_result(job, result_grace_s)
+                outcome = _collect(index, job) if has_result else _without_result(index, job)
             else:
                 continue
             outcomes[index] = outcome
@@ -327,24 +332,30 @@ def _add_log_paths(outcome: JobOutcome) -> None:
         pass
 
 
-def _has_result(job: Any, grace_s: float = 15.0) -> bool:
-    """True if the job's result file exists or appears within ``grace_s`` (slow file systems)."""
+def _has_result(job: Any, grace_s: float) -> bool:
+    """True if the job's result file exists or appears within ``grace_s``."""
+    try:
+        result_file = Path(job.paths.result_pickle)
+    except RuntimeError:  # a local job cancelled before it started: submitit's path says so
+        return True
     deadline = time.monotonic() + grace_s
-    while not job.paths.result_pickle.exists():
-        if time.monotonic() > deadline:
+    while not result_file.exists():
+        if time.monotonic() >= deadline:
             return False
-        time.sleep(1.0)
+        time.sleep(min(1.0, grace_s))
     return True
 
 
-def _vanished(index: int, job: Any) -> JobOutcome:
-    """The outcome of a SLURM job that left the queue without writing a result."""
+def _without_result(index: int, job: Any) -> JobOutcome:
+    """The outcome of a job that ended without writing a result."""
     outcome = JobOutcome(index=index, job=job)
     _add_log_paths(outcome)
-    stderr = outcome.stderr.read_text(errors="replace")[-2000:] if outcome.stderr and outcome.stderr.exists() else ""
+    log_tail = ""
+    if outcome.stderr is not None and outcome.stderr.exists():
+        log_tail = outcome.stderr.read_text(errors="replace")[-2000:]
     outcome.error = UncompletedJobError(
-        f"Job {job.job_id} left the SLURM queue without a result (killed, cancelled or out of "
-        f"time; state: {job.state}). Its log: {outcome.stderr}\n{stderr}"
+        f"Job {job.job_id} ended without a result (killed, cancelled, or out of time or "
+        f"memory; state: {job.state}). Its log: {outcome.stderr}\n{log_tail}"
     )
     return outcome
 
@@ -353,13 +364,20 @@ def _report(outcome: JobOutcome, on_done: Callable[[JobOutcome], None] | None) -
     if outcome.ok:
         log.debug("Job %s finished", outcome.job.job_id)
     else:
-        log.warning("Job %s failed (log: %s): %s", outcome.job.job_id, outcome.stderr, _first_line(outcome.error))
+        summary = error_summary(outcome.error)
+        log.warning("Job %s failed (log: %s): %s", outcome.job.job_id, outcome.stderr, summary)
     if on_done is not None:
         on_done(outcome)
 
 
-def _first_line(error: BaseException | None) -> str:
-    lines = str(error).strip().splitlines()
+def error_summary(error: BaseException | None) -> str:
+    """The most telling line of an error: the last line of a job's traceback if it has one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "----------------------" in lines:  # submitit's FailedJobError: trace between two rulers
+        start = lines.index("----------------------")
+        trace = lines[start + 1 : lines.index("----------------------", start + 1)]
+        if trace:
+            return trace[-1]
     return lines[0] if lines else type(error).__name__
 
 

@@ -46,7 +46,7 @@ CORE_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "
 ACCOUNTING_BINARIES = ("slurmdbd", "sacct", "mariadbd", "mariadb-install-db", "mariadb")
 NODE_TOPOLOGY_KEYS = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
 MARKER_VAR = "LOCAL_SLURM_DIR"  # set in each daemon's environment: proves a pid is ours
-MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
+MAX_SOCKET_PATH = 107  # AF_UNIX paths: 108 bytes with the final NUL
 
 
 class LocalSlurmError(UserError):
@@ -116,9 +116,12 @@ class _Layout:
 
 @dataclass(frozen=True)
 class _Ports:
+    """TCP ports on 127.0.0.1, picked free at each start."""
+
     slurmctld: int
     slurmd: int
     slurmdbd: int
+    mariadb: int
 
 
 def available(accounting: bool = True) -> bool:
@@ -160,8 +163,10 @@ def _free_ports(count: int) -> list[int]:
 
 def _node_hardware() -> dict[str, str]:
     """CPU topology and memory as ``slurmd -C`` reports them (the node must not claim more)."""
-    out = subprocess.run([_binary("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
-    first_line = out.splitlines()[0]
+    result = subprocess.run([_binary("slurmd"), "-C"], capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise LocalSlurmError(f"'slurmd -C' could not read this machine's hardware: {result.stderr.strip()}")
+    first_line = result.stdout.splitlines()[0]
     fields = dict(item.split("=", 1) for item in first_line.split() if "=" in item)
     return {key: fields[key] for key in NODE_TOPOLOGY_KEYS if key in fields}
 
@@ -189,6 +194,14 @@ class LocalSlurm:
 
     Use as a context manager (``with LocalSlurm(dir) as cluster: ...``) or call
     :meth:`start` / :meth:`stop`. Clients need :attr:`env` in their environment.
+
+    Args:
+        folder: holds every file of the cluster (created if missing; keep it short).
+        accounting: run MariaDB + slurmdbd so that ``sacct`` (and submitit) see job states.
+        start_timeout_s: how long :meth:`start` waits for each daemon and for the idle node.
+        node_name: the node's name in SLURM (its address is always 127.0.0.1).
+        partition: the name of the one (default) partition.
+        first_job_id: the first job id (distinct ranges keep clusters' jobs apart).
     """
 
     DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
@@ -200,12 +213,14 @@ class LocalSlurm:
         start_timeout_s: float = 60.0,
         node_name: str = "localnode",
         partition: str = "local",
+        first_job_id: int = 1,
     ) -> None:
         self.layout = _Layout(Path(folder).expanduser().resolve())
         self.accounting = accounting
         self.start_timeout_s = start_timeout_s
         self.node_name = node_name
         self.partition = partition
+        self.first_job_id = first_job_id
         self._marker = f"{MARKER_VAR}={self.layout.root}"
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -235,12 +250,16 @@ class LocalSlurm:
         """Start the daemons (idempotent) and wait until the node is idle."""
         self._check_prerequisites()
         state = self.running()
-        if not all(state.values()):
-            if any(state.values()):
-                log.info("Restarting a partially running cluster in %s", self.layout.root)
-                self.stop()
-            self._start_daemons()
-        self._wait_until_idle()
+        try:
+            if not all(state.values()):
+                if any(state.values()):
+                    log.info("Restarting a partially running cluster in %s", self.layout.root)
+                    self.stop()
+                self._start_daemons()
+            self._wait_until_idle()
+        except BaseException:
+            self.stop()  # leave nothing half-started behind; the logs stay in the folder
+            raise
         log.info("Local SLURM is up in %s (%s)", self.layout.root, self.export_line())
         return self
 
@@ -274,24 +293,36 @@ class LocalSlurm:
                 f"A local SLURM cluster needs {', '.join(missing)}, which are not installed. "
                 f"Install them with: {INSTALL_HINT}"
             )
+        if any(char.isspace() for char in str(self.layout.root)):
+            raise LocalSlurmError(
+                f"The cluster folder '{self.layout.root}' contains whitespace, which slurm.conf "
+                "cannot hold. Use a folder without spaces, e.g. /tmp/slurm."
+            )
+        longest = max(self._socket_paths(), key=len)
+        if len(longest) > MAX_SOCKET_PATH:
+            raise LocalSlurmError(
+                f"The cluster folder {self.layout.root} is too deep: a socket path under it "
+                f"({longest}) would exceed {MAX_SOCKET_PATH} characters, the limit of unix "
+                "sockets. Use a shorter folder, e.g. /tmp/slurm."
+            )
         if os.geteuid() != 0:
             raise LocalSlurmError(
                 "A local SLURM cluster must be started as root (slurmd launches jobs as their "
                 "users); run the command with sudo, or use --executor local instead."
             )
-        longest = self.layout.db_socket if self.accounting else self.layout.munge_socket
-        if len(str(longest)) > MAX_SOCKET_PATH:
-            raise LocalSlurmError(
-                f"The cluster folder {self.layout.root} is too deep: its socket path {longest} "
-                f"exceeds {MAX_SOCKET_PATH} characters. Use a shorter folder, e.g. /tmp/slurm."
-            )
+
+    def _socket_paths(self) -> list[str]:
+        """The longest unix socket paths the daemons create under the folder."""
+        layout = self.layout
+        step_socket = layout.spool / f"{self.node_name}_{'9' * 8}.4294967291"  # slurmstepd's
+        paths = [layout.munge_socket, step_socket] + ([layout.db_socket] if self.accounting else [])
+        return [str(path) for path in paths]
 
     def _start_daemons(self) -> None:
         layout = self.layout
         layout.make_dirs()
-        (layout.spool / f"slurmd.{self.node_name}").mkdir(exist_ok=True)
         self._write_munge_key()
-        ports = _Ports(*_free_ports(3))
+        ports = _Ports(*_free_ports(4))
         self._write_slurm_conf(ports)
         self._spawn("munged", self._munged_argv())
         self._wait_for(lambda: layout.munge_socket.exists(), "munged", "its socket to appear")
@@ -309,7 +340,7 @@ class LocalSlurm:
         self._write_slurmdbd_conf(ports, password)
         if not (layout.db / "mysql").is_dir():
             self._init_database()
-        self._spawn("mariadbd", self._mariadbd_argv())
+        self._spawn("mariadbd", self._mariadbd_argv(ports.mariadb))
         self._wait_for(self._database_answers, "mariadbd", "the database to accept connections")
         self._grant_database_user(password)
         self._spawn("slurmdbd", [_binary("slurmdbd"), "-D"])
@@ -338,6 +369,7 @@ class LocalSlurm:
         lines = [
             "# Written by slurm/local_cluster.py; regenerated at each start.",
             "ClusterName=local",
+            f"FirstJobId={self.first_job_id}",
             f"SlurmctldHost={short_host}(127.0.0.1)",
             f"SlurmctldPort={ports.slurmctld}",
             f"SlurmdPort={ports.slurmd}",
@@ -345,9 +377,10 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={layout.munge_socket}",
+            # cred_expire also delays the restart of a requeued job (default 120 s)
+            f"AuthInfo=socket={layout.munge_socket},cred_expire=5",
             f"StateSaveLocation={layout.state}",
-            f"SlurmdSpoolDir={layout.spool}/slurmd.%n",
+            f"SlurmdSpoolDir={layout.spool}",  # one node per folder; short socket paths
             f"SlurmctldPidFile={layout.run}/slurmctld.slurm.pid",
             f"SlurmdPidFile={layout.run}/slurmd.slurm.pid",
             f"SlurmctldLogFile={layout.log_file('slurmctld')}",
@@ -357,6 +390,7 @@ class LocalSlurm:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=1",  # start requeued jobs promptly
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
             *accounting,
@@ -386,7 +420,7 @@ class LocalSlurm:
             f"LogFile={layout.log_file('slurmdbd')}",
             "StorageType=accounting_storage/mysql",
             "StorageHost=127.0.0.1",
-            f"StoragePort={self._db_port(create=True)}",
+            f"StoragePort={ports.mariadb}",
             "StorageUser=slurm",
             f"StoragePass={password}",
             "StorageLoc=slurm_acct_db",
@@ -395,13 +429,6 @@ class LocalSlurm:
         path.touch(mode=0o600)
         path.chmod(0o600)
         path.write_text("\n".join(lines) + "\n")
-
-    def _db_port(self, create: bool = False) -> int:
-        """The TCP port MariaDB listens on (127.0.0.1 only), picked once per start."""
-        port_file = self.layout.run / "mariadb.port"
-        if create:
-            port_file.write_text(str(_free_ports(1)[0]))
-        return int(port_file.read_text())
 
     def _munged_argv(self) -> list[str]:
         layout = self.layout
@@ -416,7 +443,7 @@ class LocalSlurm:
             f"--seed-file={layout.run}/munged.seed",
         ]
 
-    def _mariadbd_argv(self) -> list[str]:
+    def _mariadbd_argv(self, port: int) -> list[str]:
         layout = self.layout
         return [
             _binary("mariadbd"),
@@ -424,7 +451,7 @@ class LocalSlurm:
             f"--datadir={layout.db}",
             f"--socket={layout.db_socket}",
             "--bind-address=127.0.0.1",
-            f"--port={self._db_port()}",
+            f"--port={port}",
             "--user=root",
             f"--pid-file={layout.run}/mariadbd.mariadb.pid",
             f"--log-error={layout.log_file('mariadbd')}",
@@ -503,6 +530,14 @@ class LocalSlurm:
             return None
         return pid if _process_is_ours(pid, self._marker) else None
 
+    def _alive(self, name: str) -> bool:
+        """Is daemon ``name`` running? (Our own children are asked directly: right after
+        the fork their environment does not carry the marker yet.)"""
+        proc = self._children.get(name)
+        if proc is not None:
+            return proc.poll() is None
+        return self._pid(name) is not None
+
     def _stop_daemon(self, name: str, grace_s: float = 10.0) -> None:
         pid = self._pid(name)
         pid_file = self.layout.pid_file(name)
@@ -557,10 +592,10 @@ class LocalSlurm:
         while time.monotonic() < deadline:
             if ready():
                 return
-            if self._pid(daemon) is None:
+            if not self._alive(daemon):
                 raise self._failure(f"{daemon} exited while waiting for {what}")
             time.sleep(0.1)
-        raise self._failure(f"timed out after {self.start_timeout_s:.0f} s waiting for {what}")
+        raise self._failure(f"timed out after {self.start_timeout_s:.0f} s waiting for {daemon}: {what}")
 
     def _node_state(self) -> str:
         result = self._client(["sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T"])
@@ -570,7 +605,7 @@ class LocalSlurm:
         deadline = time.monotonic() + self.start_timeout_s
         state = ""
         while time.monotonic() < deadline:
-            dead = [name for name, up in self.running().items() if not up]
+            dead = [name for name in self.daemons if not self._alive(name)]
             if dead:
                 raise self._failure(f"{', '.join(dead)} exited during start-up")
             state = self._node_state()
@@ -594,10 +629,10 @@ class LocalSlurm:
     def _failure(self, reason: str) -> LocalSlurmError:
         """An error naming the reason, with the tail of each daemon's log."""
         paths = [self._log_of(name) for name in self.daemons]
-        logs = "\n".join(f"--- {path}\n{_tail(path)}" for path in paths)
+        logs = "\n".join(f"--- {path}\n{_tail(path)}" for path in paths if path.exists())
         return LocalSlurmError(
             f"The local SLURM cluster in {self.layout.root} did not start: {reason}.\n{logs}\n"
-            f"Stop it with: python -m slurm.local_cluster stop --dir {self.layout.root}"
+            f"(All its logs are in {self.layout.logs}; the daemons it started were stopped.)"
         )
 
 

@@ -19,8 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluations.records import (CELL_SCHEMA, FAILURE_SCHEMA, CorruptRecord,
-                                 iter_results_files, read_results_file)
+from evaluations.records import (
+    CELL_SCHEMA,
+    FAILURE_SCHEMA,
+    CorruptRecord,
+    iter_results_files,
+    read_results_file,
+)
 from pretrain.errors import UserError
 from tables import paper
 from tables.specs import SPECS, TableSpec
@@ -79,11 +84,34 @@ def _record_rows(obj: dict, path: Path) -> list[dict]:
     return rows
 
 
-def _failure_rows(obj: dict, path: Path) -> list[dict]:
-    table, columns = obj.get("table"), obj.get("columns")
-    if not isinstance(table, str) or not isinstance(columns, list):
-        log.warning("skipped failure file %s: it names no 'table' and 'columns'", path)
+def failed_columns(table: str, columns: object, dataset: object, task: object) -> list[str]:
+    """The columns a failure file covers: its ``columns`` list if it has one, else the
+    table's columns of its dataset role (``imagenet`` -> ``imagenet/conv1..5``) or of a
+    word of its task name (``voc_detection`` -> ``detection/*``), else all of them."""
+    if isinstance(columns, list):
+        return [str(c) for c in columns]
+    spec = SPECS.get(table)
+    if spec is None:
         return []
+    tokens = [str(dataset)] if dataset else []
+    tokens += str(task or "").split("_")
+    for tok in tokens:
+        hit = [k for k in spec.column_keys if k == tok or k.startswith(f"{tok}/")]
+        if hit:
+            return hit
+    return list(spec.column_keys)
+
+
+def _failure_rows(obj: dict, path: Path) -> list[dict]:
+    table = obj.get("table")
+    if not isinstance(table, str):
+        log.warning("skipped failure file %s: it names no 'table'", path)
+        return []
+    if table not in SPECS:
+        log.warning("skipped failure file %s: table %r is not a paper table (%s)", path, table,
+                    ", ".join(SPECS))
+        return []
+    columns = failed_columns(table, obj.get("columns"), obj.get("dataset"), obj.get("task"))
     label, cid, _ = _ckpt_fields(obj.get("checkpoint"), path)
     error = str(obj.get("error") or "").strip().splitlines()
     return [{"table": table, "column": str(col), "protocol": str(obj.get("protocol") or ""),
@@ -98,9 +126,15 @@ def load_results(root: Path | str) -> Results:
     only corrupt ones.
     """
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise UserError(f"results folder {root} does not exist: {RUN_ALL_HINT}")
+    if not root.is_dir():
+        raise UserError(f"results folder {root} is not a folder: pass --results the folder "
+                        "that evaluations.run_all wrote")
     files = iter_results_files(root)
+    if not files and any(root.glob("*.json")):
+        raise UserError(f"results folder {root} looks like one checkpoint's folder: pass "
+                        f"--results its parent ({root.parent}), which holds <ckpt-id>/ folders")
     if not files:
         raise UserError(f"results folder {root} holds no result files "
                         f"(<ckpt-id>/<cell-key>.json): {RUN_ALL_HINT}")
@@ -235,6 +269,31 @@ def _warn_mixed_k(spec: TableSpec, df: pd.DataFrame) -> None:
                         " · ".join(p for p in key if p), sorted(int(v) for v in values))
 
 
+def _row_keys(keys: list[tuple], fail: pd.DataFrame, selection: str | None,
+              variant: str | None) -> list[tuple]:
+    """Our row keys: those with records, plus (label, protocol) pairs that only failed."""
+    have = {(k[0], k[1]) for k in keys}
+    extra = [(lbl, proto, selection or "", variant or "")
+             for lbl, proto in set(zip(fail["ckpt_label"], fail["protocol"]))
+             if (lbl, proto) not in have]
+    return sorted([*keys, *extra])
+
+
+def _cells(spec: TableSpec, key: tuple, lookup: dict, failed: set[tuple]) -> dict[str, CellStat]:
+    """One row's cells: statistics where records exist, else ``failed`` or ``missing``."""
+    cells = {}
+    for col in spec.column_keys:
+        s = lookup.get((*key, col))
+        if s is not None:
+            std = float(s["std"]) if s["count"] > 1 else None
+            cells[col] = CellStat(float(s["mean"]), std, int(s["count"]), "ok")
+        elif (key[0], key[1], col) in failed:
+            cells[col] = CellStat(None, None, 0, "failed")
+        else:
+            cells[col] = CellStat(None, None, 0, "missing")
+    return cells
+
+
 def collate_table(spec: TableSpec, results: Results, selection: str | None = DEFAULT,
                   variant: str | None = DEFAULT) -> Collated:
     """Pivot one table: one row per (checkpoint label, protocol, selection, variant).
@@ -261,28 +320,10 @@ def collate_table(spec: TableSpec, results: Results, selection: str | None = DEF
         index=pd.MultiIndex.from_tuples([], names=GROUP_KEYS))
     mean = mean.reindex(columns=list(spec.column_keys))
 
-    failed = set(zip(fail["ckpt_label"], fail["protocol"], fail["column"]))
-    keys = list(mean.index)
-    have = {(k[0], k[1]) for k in keys}
-    for lbl, proto in sorted(set(zip(fail["ckpt_label"], fail["protocol"]))):
-        if (lbl, proto) not in have:
-            keys.append((lbl, proto, selection or "", variant or ""))
-    keys.sort()
-
     lookup = stats.to_dict("index")
-    rows = []
-    for key in keys:
-        cells = {}
-        for col in spec.column_keys:
-            s = lookup.get((*key, col))
-            if s is not None:
-                std = s["std"] if s["count"] > 1 else None
-                cells[col] = CellStat(float(s["mean"]), std, int(s["count"]), "ok")
-            elif (key[0], key[1], col) in failed:
-                cells[col] = CellStat(None, None, 0, "failed")
-            else:
-                cells[col] = CellStat(None, None, 0, "missing")
-        rows.append(OurRow(*key, cells=cells))
+    failed = set(zip(fail["ckpt_label"], fail["protocol"], fail["column"]))
+    rows = [OurRow(*key, cells=_cells(spec, key, lookup, failed))
+            for key in _row_keys(list(mean.index), fail, selection, variant)]
 
     embedded = sorted({d for d in df["dataset_name"] if d.startswith(EMBEDDED_PREFIX)})
     return Collated(spec, rows, mean, selection, variant,
@@ -377,36 +418,50 @@ def _selection_text(col: Collated) -> str:
     return f"Selection: {sel}; test variant: {var}."
 
 
-def build_view(col: Collated) -> TableView:
-    """Paper rows, then our rows, then one Δ row per our row."""
+def _reference(spec: TableSpec) -> tuple[str, dict[str, float | None]]:
+    """The Δ rows' paper row: its display name and its published value per column."""
+    name, attrs = spec.reference
+    values = {c.column: c.value for c in paper.cells_for(spec.id) if c.row_key == (name, attrs)}
+    return name + "".join(f", {v}" for _, v in attrs), values
+
+
+def _caption(col: Collated, ref_label: str) -> str:
+    """Protocol, selection rule, cell format; warnings that change how to read the rows."""
     spec = col.spec
-    rows = paper_rows(spec)
-    ref_name, ref_attrs = spec.reference
-    ref = {c.column: c.value for c in paper.cells_for(spec.id) if c.row_key == (ref_name, ref_attrs)}
-    blank = tuple("" for _ in spec.row_attrs)
-    ours = col.rows or [OurRow("(no records for this table)", "", "", "",
-                               {k: CellStat(None, None, 0, "missing") for k in spec.column_keys})]
-    for r in ours:
-        cells = [r.cells[k] for k in spec.column_keys]
-        rows.append(ViewRow("ours", r.label, blank, tuple(c.text for c in cells),
-                            tuple(c.mean for c in cells)))
-    ref_label = ref_name + "".join(f", {v}" for _, v in ref_attrs)
-    for r in col.rows:
-        means = [r.cells[k].mean for k in spec.column_keys]
-        rows.append(ViewRow("delta", f"Δ vs paper {ref_label} ({r.label})", blank,
-                            tuple(_delta_text(m, ref.get(k))
-                                  for m, k in zip(means, spec.column_keys)),
-                            tuple(None for _ in means)))
-    caption = (f"Protocol: {spec.protocol_note}. {_selection_text(col)} "
-               f"Our cells: mean ± std (n) over seeds; Δ = ours − paper {ref_label}.")
+    parts = [f"Protocol: {spec.protocol_note}.", _selection_text(col),
+             f"Our cells: mean ± std (n) over seeds; Δ = ours − paper {ref_label}."]
+    if col.embedded_datasets:
+        parts.append("Our numbers come from the embedded demo suite ("
+                     f"{', '.join(col.embedded_datasets)}), not the paper's datasets: they "
+                     "are not comparable to the published numbers.")
+    if col.unknown_protocols:
+        parts.append(f"Unknown protocol(s) {', '.join(col.unknown_protocols)}: not the "
+                     f"paper's protocols ({', '.join(spec.protocols)}).")
+    return " ".join(parts)
+
+
+def _notes(spec: TableSpec) -> tuple[str, ...]:
     notes = [f"Published rows: {paper.SOURCES[spec.id]}."]
     if any(c.source == paper.ERRATUM_SOURCE for c in paper.cells_for(spec.id)):
         notes.append(f"{paper.ERRATUM_ROW}: {paper.ERRATUM_SOURCE}, {paper.ERRATUM_NOTE}.")
-    if col.embedded_datasets:
-        notes.append("Our numbers come from the embedded demo suite ("
-                     f"{', '.join(col.embedded_datasets)}), not the paper's datasets: "
-                     "they are not comparable to the published numbers.")
-    if col.unknown_protocols:
-        notes.append(f"Unknown protocol(s) {', '.join(col.unknown_protocols)}: not the "
-                     f"paper's protocols ({', '.join(spec.protocols)}).")
-    return TableView(spec, spec.title, caption, tuple(rows), tuple(notes))
+    return tuple(notes)
+
+
+def build_view(col: Collated) -> TableView:
+    """Paper rows, then our rows, then one Δ row per our row."""
+    spec = col.spec
+    keys = spec.column_keys
+    ref_label, ref = _reference(spec)
+    blank = tuple("" for _ in spec.row_attrs)
+    rows = paper_rows(spec)
+    ours = col.rows or [OurRow("(no records for this table)", "", "", "",
+                               {k: CellStat(None, None, 0, "missing") for k in keys})]
+    for r in ours:
+        cells = [r.cells[k] for k in keys]
+        rows.append(ViewRow("ours", r.label, blank, tuple(c.text for c in cells),
+                            tuple(c.mean for c in cells)))
+    for r in col.rows:
+        rows.append(ViewRow("delta", f"Δ vs paper {ref_label} ({r.label})", blank,
+                            tuple(_delta_text(r.cells[k].mean, ref.get(k)) for k in keys),
+                            tuple(None for _ in keys)))
+    return TableView(spec, spec.title, _caption(col, ref_label), tuple(rows), _notes(spec))

@@ -22,14 +22,21 @@ if not __package__:  # run as a script: tables/ is sys.path[0]; import from the 
 import argparse  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from pretrain.errors import UserError  # noqa: E402
-from tables.collate import (DEFAULT, TableView, build_view, collate_table,  # noqa: E402
-                            load_results)
+from tables.collate import (  # noqa: E402
+    DEFAULT,
+    TableView,
+    build_view,
+    collate_table,
+    load_results,
+)
 from tables.specs import SPECS  # noqa: E402
 
 log = logging.getLogger("tables.render")
@@ -143,6 +150,26 @@ def _choice(value: str) -> str | None:
     return None if value == "any" else value
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text via a temp file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out} ({e.strerror}): pass --out "
+                        "a writable folder") from None
+
+
 def render(results: Path, out: Path, fmt: str = "all", tables: Sequence[str] = (),
            selection: str | None = DEFAULT, variant: str | None = DEFAULT,
            logs: Sequence[Path] = (), figures: bool = True) -> dict[str, str]:
@@ -156,7 +183,7 @@ def render(results: Path, out: Path, fmt: str = "all", tables: Sequence[str] = (
                             "run folder holding log.jsonl or the log file itself")
     res = load_results(results)
     formats = ["md", "latex", "csv"] if fmt == "all" else [fmt]
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     texts: dict[str, dict[str, str]] = {f: {} for f in formats}
     collated = {}
     for tid in tables or list(SPECS):
@@ -166,10 +193,10 @@ def render(results: Path, out: Path, fmt: str = "all", tables: Sequence[str] = (
         for f in formats:
             fn, ext = RENDERERS[f]
             texts[f][tid] = fn(view)
-            (out / f"{tid}{ext}").write_text(texts[f][tid])
+            write_text(out / f"{tid}{ext}", texts[f][tid])
     for f, sep in (("md", "\n"), ("latex", "\n")):
         if f in texts:
-            (out / f"tables{RENDERERS[f][1]}").write_text(sep.join(texts[f].values()))
+            write_text(out / f"tables{RENDERERS[f][1]}", sep.join(texts[f].values()))
     if figures:
         from tables import figures as figs  # matplotlib only when figures are asked for
         figs.write_figures(out / "figures", res, collated, logs)
@@ -191,9 +218,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tables", nargs="+", choices=list(SPECS), default=[],
                    metavar="ID", help=f"tables to render: {', '.join(SPECS)} (default: all)")
     p.add_argument("--selection", default=DEFAULT,
+                   choices=(DEFAULT, "any", "best_epoch", "last_epoch", "final"),
                    help="selection rule of our rows: best_epoch, last_epoch, final, or any "
                         "(default: each table's rule, best_epoch for table1)")
-    p.add_argument("--variant", default=DEFAULT,
+    p.add_argument("--variant", default=DEFAULT, choices=(DEFAULT, "any", "10crop", "center"),
                    help="test-time variant of our rows: 10crop, center, or any "
                         "(default: each table's, 10crop for table1)")
     p.add_argument("--logs", nargs="+", type=Path, default=[], metavar="PATH",

@@ -14,6 +14,7 @@ import pytest
 
 from pretrain.errors import UserError
 from tables.collate import build_view, collate_table, load_results
+from tables.render import main
 from tables.specs import SPECS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def test_unknown_protocol_is_shown_with_a_warning(golden, caplog):
     assert col.unknown_protocols == ["my-probe"]
     assert _row(col, (OURS[0], "my-probe", "best_epoch", "10crop")).cells[
         "imagenet/conv3"].text == "40.0"
-    assert any("Unknown protocol(s) my-probe" in n for n in build_view(col).notes)
+    assert "Unknown protocol(s) my-probe" in build_view(col).caption
 
 
 def test_unknown_table_column_and_metric_are_not_averaged(tmp_path, caplog):
@@ -142,10 +143,9 @@ def test_unknown_table_column_and_metric_are_not_averaged(tmp_path, caplog):
 
 def test_embedded_suite_note(golden):
     res = load_results(golden)
-    notes = build_view(collate_table(T1, res)).notes
-    assert any("embedded demo suite" in n and "embedded/fashion-mnist" in n for n in notes)
-    ret = build_view(collate_table(SPECS["retrieval"], res)).notes
-    assert not any("embedded" in n for n in ret)
+    caption = build_view(collate_table(T1, res)).caption
+    assert "embedded demo suite (embedded/fashion-mnist, embedded/second-domain)" in caption
+    assert "embedded" not in build_view(collate_table(SPECS["retrieval"], res)).caption
 
 
 def test_table_without_records_shows_missing_row(tmp_path):
@@ -178,6 +178,23 @@ def test_only_corrupt_files_is_a_user_error(tmp_path):
         load_results(tmp_path / "results")
 
 
+def test_results_file_or_checkpoint_folder_is_a_user_error(golden, tmp_path):
+    f = tmp_path / "results.json"
+    f.write_text("{}")
+    with pytest.raises(UserError, match="is not a folder"):
+        load_results(f)
+    with pytest.raises(UserError, match=r"one checkpoint's folder: pass --results its parent"):
+        load_results(golden / "dc-demo")
+
+
+def test_out_is_a_file_exit_2(golden, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("")
+    assert main(["--results", str(golden), "--out", str(out), "--no-figures", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create the output folder {out}")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -191,27 +208,19 @@ def _cli(*args: str, module: bool = False, cwd: Path = REPO) -> subprocess.Compl
 
 @pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
 def test_cli_renders(golden, tmp_path, module):
+    """Both entry points; the script also from a folder outside the repository."""
     out = tmp_path / "out"
     run = _cli("--results", str(golden), "--out", str(out), "--format", "md",
-               "--tables", "table1", "voc", "--no-figures", module=module)
+               "--tables", "table1", "voc", "--no-figures", module=module,
+               cwd=REPO if module else tmp_path)
     assert run.returncode == 0, run.stderr
     assert "| DeepCluster " in run.stdout and "### Pascal VOC" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == ["table1.md", "tables.md", "voc.md"]
     assert "my-probe" in run.stderr  # the unknown-protocol warning
 
 
-def test_cli_script_runs_from_another_folder(golden, tmp_path):
-    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"), "--format", "latex",
-               "--tables", "retrieval", "--no-figures", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(r"\begin{table}")
-
-
-@pytest.mark.parametrize("make", ["missing", "empty"])
-def test_cli_bad_folder_one_line_exit_2(tmp_path, make):
+def test_cli_missing_folder_one_line_exit_2(tmp_path):
     res = tmp_path / "results"
-    if make == "empty":
-        res.mkdir()
     run = _cli("--results", str(res), "--out", str(tmp_path / "o"), "--no-figures")
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
@@ -220,20 +229,33 @@ def test_cli_bad_folder_one_line_exit_2(tmp_path, make):
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 
-def test_cli_corrupt_file_warns_with_its_name(golden, tmp_path):
+def test_main_empty_folder_exit_2(tmp_path, capsys):
+    res = tmp_path / "results"
+    res.mkdir()
+    assert main(["--results", str(res), "--out", str(tmp_path / "o"), "--no-figures"]) == 2
+    err = capsys.readouterr()
+    assert err.out == ""
+    assert err.err.startswith(f"error: results folder {res} holds no result files")
+    assert "python -m evaluations.run_all --ckpt" in err.err and err.err.count("\n") == 1
+
+
+def test_main_latex_to_stdout_and_corrupt_file_warning(golden, tmp_path, capsys, caplog):
     bad = golden / "dc-demo" / "broken.json"
     bad.write_text("{")
-    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"), "--tables", "table1",
-               "--format", "md", "--no-figures")
-    assert run.returncode == 0
-    assert f"WARNING: skipped corrupt results file {bad}" in run.stderr
+    with caplog.at_level(logging.WARNING):
+        rc = main(["--results", str(golden), "--out", str(tmp_path / "o"), "--format",
+                   "latex", "--tables", "retrieval", "--no-figures"])
+    assert rc == 0
+    assert capsys.readouterr().out.startswith(r"\begin{table}")
+    assert f"skipped corrupt results file {bad}" in caplog.text
 
 
-def test_cli_missing_log_exit_2(golden, tmp_path):
-    run = _cli("--results", str(golden), "--out", str(tmp_path / "o"),
-               "--logs", str(tmp_path / "no-run"))
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert str(tmp_path / "no-run") in run.stderr and "log.jsonl" in run.stderr
+def test_main_missing_log_exit_2(golden, tmp_path, capsys):
+    rc = main(["--results", str(golden), "--out", str(tmp_path / "o"),
+               "--logs", str(tmp_path / "no-run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: pretraining log")
+    assert str(tmp_path / "no-run") in err and "log.jsonl" in err
 
 
 def test_label_mixing_several_k_warns(tmp_path, caplog):
@@ -244,3 +266,25 @@ def test_label_mixing_several_k_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         collate_table(T1, load_results(res))
     assert "different k [100, 1000]" in caplog.text and "own label" in caplog.text
+
+
+def test_tables_does_not_import_torch():
+    code = ("import sys, tables.render, tables.collate, tables.figures; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_failure_file_as_the_worker_writes_it(tmp_path):
+    """No 'columns' key: the failed columns follow from the table and the dataset role."""
+    from evaluations.records import write_failure
+    res = tmp_path / "results"
+    fx.write(res, "in", [fx.make_record("table1", c, 30.0) for c in fx.IMAGENET])
+    write_failure(res, "dc-demo", "linear-places-s0-abc", {
+        "task": "linear", "table": "table1", "checkpoint": dict(fx.DEMO), "protocol": "dc2018",
+        "dataset": "places", "error": "RuntimeError: boom", "traceback": "...", "log": None,
+        "job_id": "1", "time": None})
+    cells = _row(collate_table(T1, load_results(res)), OURS).cells
+    assert [cells[f"places/conv{i}"].state for i in range(1, 6)] == ["failed"] * 5
+    assert [cells[c].state for c in fx.IMAGENET] == ["ok"] * 5

@@ -1,0 +1,48 @@
+"""Run every benchmark once and write their numbers to benchmarks/results.json.
+
+    python benchmarks/run.py [--quick]
+
+Each benchmark reports ratios measured within its own run (never against a stored number).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_tables")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    results = {"platform": platform.platform(), "python": platform.python_version(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for name in BENCHES:
+        print(f"\n== {name}")
+        mod = _load(name)
+        if name == "bench_tables":
+            mod.main(["--records", "500", "--repeat", "1"] if args.quick else [])
+            continue
+        results[name] = mod.run(quick=args.quick)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Linear-probe engine: metrics against hand-computed values, the paper's pooling dims,
+multi-head == single-head, and the frozen-backbone check."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from evaluations.heads import HeadTrainConfig, bottou_lr, train_heads
+from evaluations.linear import conv_heads
+from evaluations.metrics import accuracy, tencrop_probs, topk_correct
+from pretrain.models import AlexNet
+
+
+def test_accuracy_hand_computed():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    target = torch.tensor([1, 1, 2, 2])
+    # row 0 right, row 1 wrong (0 wins), row 2 right, row 3 wrong -> 2/4
+    assert accuracy(scores, target, 1) == 50.0
+    # top-2: row 1 has {0,1} -> right; row 3 has {0,2} -> right -> 4/4
+    assert topk_correct(scores, target, 2) == 4
+
+
+def test_tencrop_softmax_average_hand_computed():
+    # one image, two crops: averaging softmaxes differs from averaging logits here
+    logits = torch.tensor([[4.0, 0.0], [-1.0, 0.0]])
+    p = tencrop_probs(logits, 2)
+    e4 = math.exp(4)
+    expected0 = (e4 / (e4 + 1) + math.exp(-1) / (math.exp(-1) + 1)) / 2
+    assert p.shape == (1, 2)
+    assert p[0, 0].item() == pytest.approx(expected0, rel=1e-6)
+    assert p[0, 1].item() == pytest.approx(1 - expected0, rel=1e-6)
+
+
+def test_bottou_decay_formula():
+    assert bottou_lr(0.01, 1e-7, 0) == 0.01
+    assert bottou_lr(0.01, 1e-7, 10**9) == pytest.approx(0.01 / math.sqrt(1 + 0.01 * 1e-7 * 1e9))
+
+
+def test_paper_pooling_dims_at_224():
+    """PROTOCOLS §2: 9600 / 9216 / 9600 / 9600 / 9216 features at 224 input."""
+    net = AlexNet(sobel=True).eval()
+    _, info = conv_heads(net, ["conv1", "conv2", "conv3", "conv4", "conv5"], 224, 1000, 0,
+                         torch.device("cpu"))
+    assert [info[f"conv{i}"]["dims"] for i in range(1, 6)] == [9600, 9216, 9600, 9600, 9216]
+    assert info["conv1"]["pool"] == "avg6s6p3" and info["conv5"]["pool"] == "avg2s2p0"
+
+
+def test_pooling_at_small_input_caps_grid_at_map():
+    net = AlexNet(sobel=True, fc_dim=64).eval()
+    _, info = conv_heads(net, ["conv1", "conv3"], 64, 10, 0, torch.device("cpu"))
+    assert info["conv1"]["map"] == [96, 15, 15] and info["conv1"]["dims"] == 96 * 10 * 10
+    assert info["conv3"]["map"] == [384, 3, 3] and info["conv3"]["dims"] == 384 * 3 * 3
+
+
+class _Fixed(Dataset):
+    """Fixed tensors (no random transforms): the data order alone decides the batches."""
+
+    def __init__(self, n, crops=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        shape = (n, crops, 3, 32, 32) if crops else (n, 3, 32, 32)
+        self.x = torch.randn(shape, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]), i
+
+
+def _train(layers, backbone):
+    cfg = HeadTrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4,
+                          workers=0, seed=3)
+    heads, _ = conv_heads(backbone, layers, 32, 4, cfg.seed, torch.device("cpu"))
+    return train_heads(backbone, heads, _Fixed(24), _Fixed(6, crops=10, seed=1), cfg,
+                       torch.device("cpu"))
+
+
+def test_multi_head_equals_single_layer_runs():
+    torch.manual_seed(0)
+    net = AlexNet(sobel=True, fc_dim=64).eval()
+    together = _train(["conv1", "conv2", "conv3", "conv4", "conv5"], net)
+    for layer in ["conv1", "conv3", "conv5"]:
+        alone = _train([layer], net)
+        assert alone[layer].epochs == together[layer].epochs
+
+
+def test_backbone_change_is_caught():
+    """A backbone left in train mode updates BN running stats: the check must fire."""
+    torch.manual_seed(0)
+    net = AlexNet(sobel=True, fc_dim=64)
+    net.eval = lambda: net  # a buggy evaluation that forgets eval mode
+    net.train()
+    with pytest.raises(RuntimeError, match="frozen backbone changed"):
+        _train(["conv1"], net)
