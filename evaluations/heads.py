@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from pretrain.data import loader_batches
 from pretrain.models import TapNet
 from pretrain.train import IMAGENET_MEAN, IMAGENET_STD
 
@@ -58,6 +59,9 @@ class HeadTrainConfig:
     weight_decay: float
     workers: int = 4
     seed: int = 0
+    # The backbone is frozen and the test crops are deterministic, so the val taps are the
+    # same every epoch: keep them when they fit (same batches, bit-identical numbers).
+    val_cache_gb: float = 2.0
 
 
 @dataclass
@@ -92,19 +96,31 @@ def _unwrap(batch):
 
 
 @torch.no_grad()
-def evaluate_heads(backbone: TapNet, heads: list[Head], loader: DataLoader,
-                   device: torch.device) -> dict[str, tuple[float, float, float]]:
-    """(top-1 10-crop, top-1 centre, top-5 10-crop) per head, in percent."""
-    for h in heads:
-        h.module.eval()
-    taps = {h.tap for h in heads}
-    hits = {h.name: [0, 0, 0] for h in heads}
-    n = 0
-    for batch in loader:
+def val_features(backbone: TapNet, loader: DataLoader, taps: set[str], device: torch.device):
+    """Yield (taps of all crops, labels, images, crops) per val batch."""
+    for batch in loader_batches(loader):
         x, y = _unwrap(batch)
         b, ncrops = x.shape[:2]
-        feats = backbone.forward_taps(x.flatten(0, 1).to(device), taps)
-        y = y.to(device)
+        yield backbone.forward_taps(x.flatten(0, 1).to(device), taps), y.to(device), b, ncrops
+
+
+def val_cache_bytes(backbone: TapNet, val_ds, taps: set[str], device: torch.device) -> int:
+    """Bytes the val taps of every crop would take (from a dry forward of one crop)."""
+    crops = val_ds[0][0]
+    with torch.no_grad():
+        feats = backbone.forward_taps(crops[:1].to(device), taps)
+    return len(val_ds) * crops.shape[0] * sum(f.numel() for f in feats.values()) * 4
+
+
+@torch.no_grad()
+def evaluate_heads(heads: list[Head], batches) -> dict[str, tuple[float, float, float]]:
+    """(top-1 10-crop, top-1 centre, top-5 10-crop) per head, in percent, over ``batches``
+    of (taps, labels, images, crops) from :func:`val_features` (or a cached list of them)."""
+    for h in heads:
+        h.module.eval()
+    hits = {h.name: [0, 0, 0] for h in heads}
+    n = 0
+    for feats, y, b, ncrops in batches:
         for h in heads:
             logits = h.module(feats[h.tap]).float()
             probs = tencrop_probs(logits, ncrops)
@@ -144,13 +160,17 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
     crit = nn.CrossEntropyLoss()
     taps = {h.tap for h in heads}
     history = {h.name: HeadHistory(h.name) for h in heads}
+    cache = None
+    if val_cache_bytes(backbone, val_ds, taps, device) <= cfg.val_cache_gb * 2**30:
+        cache = list(val_features(backbone, val_loader, taps, device))
     t = 0
     for epoch in range(cfg.epochs):
         for h in heads:
             h.module.train()
         losses = {h.name: 0.0 for h in heads}
         seen = 0
-        for batch in tqdm(train_loader, desc=f"{desc} epoch {epoch}", leave=False, mininterval=2):
+        for batch in tqdm(loader_batches(train_loader), total=len(train_loader),
+                          desc=f"{desc} epoch {epoch}", leave=False, mininterval=2):
             x, y = _unwrap(batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad():
@@ -169,7 +189,10 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
                 losses[h.name] += loss.item() * len(y)
             seen += len(y)
             t += 1
-        scores = evaluate_heads(backbone, heads, val_loader, device)
+        if cache is None:
+            scores = evaluate_heads(heads, val_features(backbone, val_loader, taps, device))
+        else:
+            scores = evaluate_heads(heads, cache)
         for h in heads:
             top1, centre, top5 = scores[h.name]
             history[h.name].epochs.append(EpochScores(epoch, losses[h.name] / max(seen, 1),

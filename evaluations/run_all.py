@@ -186,9 +186,10 @@ def _main(args) -> int:
 
 
 def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str, make_executor):
+    from submitit.core.utils import FailedJobError
     from tqdm import tqdm
 
-    from slurm.launch import submit_array, wait
+    from slurm.launch import error_summary, submit_array, wait
 
     from . import records
     from .worker import run_cell
@@ -199,7 +200,15 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
     for _, cells in groups.items():
         ex = make_executor(executor_kind, logs, cells[0].resources, f"dc-{suite_name}")
         payload = [{**c.to_dict(), "results": str(results)} for c in cells]
-        jobs = submit_array(ex, run_cell, payload)
+        try:
+            jobs = submit_array(ex, run_cell, payload)
+        except FailedJobError as e:
+            r = cells[0].resources
+            raise UserError(f"the scheduler refused the array of {len(cells)} cell(s) "
+                            f"(gpus={r.gpus_per_node}, cpus={r.cpus_per_task}, mem={r.mem_gb}G, "
+                            f"time={r.timeout_min}min, partition={r.partition}): "
+                            f"{str(e).strip().splitlines()[-1]} Fix the suite's [resources] or "
+                            "pass --partition / --timeout-min.") from None
         jobs_all += list(zip(jobs, cells))
         log.info("submitted %d cell(s) as %s", len(cells), ", ".join(str(j.job_id) for j in jobs[:3])
                  + (" ..." if len(jobs) > 3 else ""))
@@ -219,8 +228,8 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
                     "task": cell.task, "table": cell.table, "columns": list(cell.columns),
                     "checkpoint": cell.checkpoint,
                     "protocol": cell.protocol, "dataset": cell.dataset,
-                    "error": str(error).strip().splitlines()[-1][:500] if str(error).strip()
-                    else type(error).__name__, "log": log_paths, "job_id": str(job.job_id),
+                    "error": error_summary(error)[:500], "log": log_paths,
+                    "job_id": str(job.job_id),
                     "time": None})
             failed.append((cell, error, log_paths))
         bar.update(1)
@@ -231,11 +240,12 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
 
 
 def _summary(done, skipped, failed, seconds: float, results: Path) -> None:
+    from slurm.launch import error_summary
+
     print(f"\nrun_all: {len(done)} done, {len(skipped)} skipped (record exists), "
           f"{len(failed)} failed in {seconds:.1f}s; records under {results}")
     for cell, error, log_paths in failed:
-        msg = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        print(f"  FAILED {cell.key}: {msg[:300]}\n    log: {log_paths}")
+        print(f"  FAILED {cell.key}: {error_summary(error)[:300]}\n    log: {log_paths}")
 
 
 if __name__ == "__main__":

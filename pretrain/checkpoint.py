@@ -47,7 +47,7 @@ def to_released_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             for k, v in state_dict.items()}
 
 
-_TV_RESNET = (("conv1.", "stem.0."), ("bn1.", "stem.1."))
+_TV_RESNET = (("conv1.", "stem.0."), ("bn1.", "stem.1."))  # torchvision ResNet stem
 
 
 def normalise_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +60,10 @@ def normalise_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
         for old, new in _TV_RESNET:
             if k.startswith(old):
                 k = new + k[len(old):]
-        if k.startswith("fc."):  # torchvision classifier head: not part of the backbone
-            k = "top_layer." + k[len("fc."):]
+        # torchvision classifier heads (ResNet fc, VGG classifier.6): not part of the backbone
+        for head in ("fc.", "classifier.6."):
+            if k.startswith(head):
+                k = "top_layer." + k[len(head):]
         out[k] = v
     return out
 

@@ -147,3 +147,29 @@ class ArrayImageDataset:
     @property
     def labels(self) -> np.ndarray:
         return np.asarray(self.targets, dtype=np.int64)
+
+
+_WORKER_ERROR = f"\n{UserError.__module__}.{UserError.__qualname__}: "
+
+
+def _unwrap_worker_error(e: UserError) -> UserError:
+    """A UserError raised inside a DataLoader worker (a corrupt image with --workers > 0) comes
+    back as 'Caught UserError in DataLoader worker process N. Original Traceback ...
+    pretrain.errors.UserError: <message>': keep only <message>, as with --workers 0."""
+    msg = str(e)
+    if "Original Traceback" in msg and _WORKER_ERROR in msg:
+        return UserError(msg.rsplit(_WORKER_ERROR, 1)[1].strip())
+    return e
+
+
+def loader_batches(loader):
+    """Iterate ``loader``, turning worker-wrapped UserErrors back into plain ones."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise _unwrap_worker_error(e) from None
+        yield batch

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from . import clustering
 from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
 from .config import PretrainConfig
-from .data import ArrayImageDataset, ImageListDataset, fashion_mnist, scan_image_folder
+from .data import (ArrayImageDataset, ImageListDataset, fashion_mnist, loader_batches,
+                   scan_image_folder)
 from .errors import UserError
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
@@ -35,6 +36,7 @@ from .sampler import make_sampler
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURE_BATCH = 256  # eval-mode extraction: per-image results, so only speed depends on it
 
 
 def train_transform(size: int) -> T.Compose:
@@ -91,32 +93,6 @@ class PseudoLabelled(Dataset):
         return img, int(self.assign[i])
 
 
-_WORKER_ERROR = f"\n{UserError.__module__}.{UserError.__qualname__}: "
-
-
-def _unwrap_worker_error(e: UserError) -> UserError:
-    """A UserError raised inside a DataLoader worker (a corrupt image with --workers > 0) comes
-    back as 'Caught UserError in DataLoader worker process N. Original Traceback ...
-    pretrain.errors.UserError: <message>': keep only <message>, as with --workers 0."""
-    msg = str(e)
-    if "Original Traceback" in msg and _WORKER_ERROR in msg:
-        return UserError(msg.rsplit(_WORKER_ERROR, 1)[1].strip())
-    return e
-
-
-def _batches(loader: DataLoader):
-    """Iterate ``loader``, turning worker-wrapped UserErrors back into plain ones."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except UserError as e:
-            raise _unwrap_worker_error(e) from None
-        yield batch
-
-
 @torch.no_grad()
 def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
                      device: torch.device, desc: str = "features") -> np.ndarray:
@@ -124,7 +100,7 @@ def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = []
-    for x, _, _ in tqdm(_batches(loader), total=len(loader), desc=desc, leave=False,
+    for x, _, _ in tqdm(loader_batches(loader), total=len(loader), desc=desc, leave=False,
                         mininterval=2):
         out.append(model.embed(x.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out).numpy()
@@ -209,7 +185,7 @@ def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
     model.train()
     crit = nn.CrossEntropyLoss()
     total, count = 0.0, 0
-    bar = tqdm(_batches(loader), total=len(loader), desc=f"train {epoch}", leave=False,
+    bar = tqdm(loader_batches(loader), total=len(loader), desc=f"train {epoch}", leave=False,
                mininterval=2)
     for it, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -269,8 +245,8 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         t = {"start": time.perf_counter()}
-        feats = extract_features(model, ds_eval, cfg.batch_size, cfg.workers, device,
-                                 desc=f"features {epoch}")
+        feats = extract_features(model, ds_eval, max(cfg.batch_size, FEATURE_BATCH), cfg.workers,
+                                 device, desc=f"features {epoch}")
         t["features"] = time.perf_counter()
         x = clustering.pca_whiten_l2(feats, cfg.pca_dim)
         t["pca"] = time.perf_counter()

@@ -96,3 +96,17 @@ def test_backbone_change_is_caught():
     net.train()
     with pytest.raises(RuntimeError, match="frozen backbone changed"):
         _train(["conv1"], net)
+
+
+def test_cached_val_taps_give_identical_numbers():
+    torch.manual_seed(0)
+    net = AlexNet(sobel=True, fc_dim=64).eval()
+    cfg = dict(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4, workers=0,
+               seed=3)
+    runs = []
+    for gb in (0.0, 1.0):  # never cache / cache
+        heads, _ = conv_heads(net, ["conv2", "conv5"], 32, 4, 3, torch.device("cpu"))
+        runs.append(train_heads(net, heads, _Fixed(24), _Fixed(6, crops=10, seed=1),
+                                HeadTrainConfig(**cfg, val_cache_gb=gb), torch.device("cpu")))
+    assert runs[0]["conv2"].epochs == runs[1]["conv2"].epochs
+    assert runs[0]["conv5"].epochs == runs[1]["conv5"].epochs
