@@ -59,4 +59,4 @@ def run(cfg: FcRetrainConfig, backbone: TapNet, train_ds, val_ds, n_classes: int
     hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
                            workers if workers is not None else cfg.workers, seed)
     hist = train_heads(backbone, [head], train_ds, val_ds, hcfg, device, desc="fc6-8")
-    return measurements(hist["fc6-8"], f"{dataset_role}/acc1", {"in_dim": in_dim})
+    return measurements(hist, f"{dataset_role}/acc1", {"in_dim": in_dim})

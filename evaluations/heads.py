@@ -48,6 +48,24 @@ class Head:
     name: str
     tap: str
     module: nn.Module
+    lr: float | None = None  # initial learning rate; None = the config's
+    # Parameter-free transform of the tap (e.g. the probe's AvgPool), computed once per batch
+    # for all heads with the same (tap, pre_key); the val cache keeps its output.
+    pre: nn.Module | None = None
+    pre_key: str = ""
+
+    @property
+    def input_key(self) -> tuple[str, str]:
+        return (self.tap, self.pre_key)
+
+
+def head_inputs(heads: list[Head], feats: dict[str, torch.Tensor]) -> dict:
+    """Each distinct head input, computed once from the backbone's taps."""
+    out = {}
+    for h in heads:
+        if h.input_key not in out:
+            out[h.input_key] = feats[h.tap] if h.pre is None else h.pre(feats[h.tap])
+    return out
 
 
 @dataclass(frozen=True)
@@ -96,33 +114,36 @@ def _unwrap(batch):
 
 
 @torch.no_grad()
-def val_features(backbone: TapNet, loader: DataLoader, taps: set[str], device: torch.device):
-    """Yield (taps of all crops, labels, images, crops) per val batch."""
+def val_features(backbone: TapNet, heads: list[Head], loader: DataLoader, device: torch.device):
+    """Yield (head inputs of all crops, labels, images, crops) per val batch."""
+    taps = {h.tap for h in heads}
     for batch in loader_batches(loader):
         x, y = _unwrap(batch)
         b, ncrops = x.shape[:2]
-        yield backbone.forward_taps(x.flatten(0, 1).to(device), taps), y.to(device), b, ncrops
+        feats = backbone.forward_taps(x.flatten(0, 1).to(device), taps)
+        yield head_inputs(heads, feats), y.to(device), b, ncrops
 
 
-def val_cache_bytes(backbone: TapNet, val_ds, taps: set[str], device: torch.device) -> int:
-    """Bytes the val taps of every crop would take (from a dry forward of one crop)."""
+def val_cache_bytes(backbone: TapNet, heads: list[Head], val_ds, device: torch.device) -> int:
+    """Bytes the head inputs of every val crop would take (from a dry forward of one crop)."""
     crops = val_ds[0][0]
     with torch.no_grad():
-        feats = backbone.forward_taps(crops[:1].to(device), taps)
-    return len(val_ds) * crops.shape[0] * sum(f.numel() for f in feats.values()) * 4
+        feats = backbone.forward_taps(crops[:1].to(device), {h.tap for h in heads})
+        inputs = head_inputs(heads, feats)
+    return len(val_ds) * crops.shape[0] * sum(f.numel() for f in inputs.values()) * 4
 
 
 @torch.no_grad()
 def evaluate_heads(heads: list[Head], batches) -> dict[str, tuple[float, float, float]]:
     """(top-1 10-crop, top-1 centre, top-5 10-crop) per head, in percent, over ``batches``
-    of (taps, labels, images, crops) from :func:`val_features` (or a cached list of them)."""
+    of (head inputs, labels, images, crops) from :func:`val_features` (or a cached list)."""
     for h in heads:
         h.module.eval()
     hits = {h.name: [0, 0, 0] for h in heads}
     n = 0
     for feats, y, b, ncrops in batches:
         for h in heads:
-            logits = h.module(feats[h.tap]).float()
+            logits = h.module(feats[h.input_key]).float()
             probs = tencrop_probs(logits, ncrops)
             centre = logits.view(b, ncrops, -1)[:, min(CENTRE_OF_TENCROP, ncrops - 1)]
             c = hits[h.name]
@@ -155,14 +176,15 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
     # ten crops per image: batch_size // 10 images keep one forward at ~batch_size crops
     val_loader = DataLoader(val_ds, batch_size=max(1, cfg.batch_size // 10), shuffle=False,
                             num_workers=cfg.workers)
-    opts = {h.name: torch.optim.SGD(h.module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    lr0 = {h.name: cfg.lr if h.lr is None else h.lr for h in heads}
+    opts = {h.name: torch.optim.SGD(h.module.parameters(), lr=lr0[h.name], momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay) for h in heads}
     crit = nn.CrossEntropyLoss()
     taps = {h.tap for h in heads}
     history = {h.name: HeadHistory(h.name) for h in heads}
     cache = None
-    if val_cache_bytes(backbone, val_ds, taps, device) <= cfg.val_cache_gb * 2**30:
-        cache = list(val_features(backbone, val_loader, taps, device))
+    if val_cache_bytes(backbone, heads, val_ds, device) <= cfg.val_cache_gb * 2**30:
+        cache = list(val_features(backbone, heads, val_loader, device))
     t = 0
     for epoch in range(cfg.epochs):
         for h in heads:
@@ -174,13 +196,12 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
             x, y = _unwrap(batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad():
-                feats = backbone.forward_taps(x, taps)
-            lr = bottou_lr(cfg.lr, cfg.weight_decay, t)
+                inputs = head_inputs(heads, backbone.forward_taps(x, taps))
             for h in heads:
                 opt = opts[h.name]
                 for g in opt.param_groups:
-                    g["lr"] = lr
-                loss = crit(h.module(feats[h.tap]), y)
+                    g["lr"] = bottou_lr(lr0[h.name], cfg.weight_decay, t)
+                loss = crit(h.module(inputs[h.input_key]), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"head {h.name}: loss {loss.item()} at epoch {epoch}")
                 opt.zero_grad(set_to_none=True)
@@ -190,7 +211,7 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
             seen += len(y)
             t += 1
         if cache is None:
-            scores = evaluate_heads(heads, val_features(backbone, val_loader, taps, device))
+            scores = evaluate_heads(heads, val_features(backbone, heads, val_loader, device))
         else:
             scores = evaluate_heads(heads, cache)
         for h in heads:

@@ -30,7 +30,9 @@ class LinearProbeConfig:
     layers: tuple[str, ...] = CONV_TAPS
     epochs: int = 90
     batch_size: int = 256
-    lr: float = 0.01
+    # One head per (layer, lr). The paper: lr 0.01 for every layer. With several values the
+    # best (lr, epoch) on the evaluation split is reported, for every checkpoint alike.
+    lrs: tuple[float, ...] = (0.01,)
     momentum: float = 0.9
     weight_decay: float = 1e-7
     input_size: int = 224
@@ -49,19 +51,13 @@ def pool_for(layer: str, map_size: int) -> tuple[nn.Module, str]:
     return nn.AdaptiveAvgPool2d(grid), f"adaptive{grid}"
 
 
-class PooledLinear(nn.Module):
-    """AvgPool -> flatten -> Linear (weights N(0, 0.01), bias 0), no BN, no normalisation."""
-
-    def __init__(self, pool: nn.Module, in_dim: int, n_classes: int, generator: torch.Generator):
-        super().__init__()
-        self.pool = pool
-        self.linear = nn.Linear(in_dim, n_classes)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=generator) * 0.01)
-            self.linear.bias.zero_()
-
-    def forward(self, x):
-        return self.linear(torch.flatten(self.pool(x), 1))
+def linear_head(in_dim: int, n_classes: int, generator: torch.Generator) -> nn.Sequential:
+    """flatten -> Linear (weights N(0, 0.01), bias 0), no BN, no normalisation."""
+    head = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, n_classes))
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(head[1].weight.shape, generator=generator) * 0.01)
+        head[1].bias.zero_()
+    return head
 
 
 def head_seed(seed: int, name: str) -> int:
@@ -69,10 +65,15 @@ def head_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + sum(ord(c) * 31 ** i for i, c in enumerate(name))) % (2**63)
 
 
+def head_name(layer: str, lr: float, lrs) -> str:
+    return layer if len(lrs) == 1 else f"{layer}@lr{lr:g}"
+
+
 @torch.no_grad()
 def conv_heads(backbone: TapNet, layers, input_size: int, n_classes: int, seed: int,
-               device: torch.device) -> tuple[list[Head], dict[str, dict]]:
-    """One PooledLinear per layer, sized by a dry forward; also each head's pooling/dims."""
+               device: torch.device, lrs=(None,)) -> tuple[list[Head], dict[str, dict]]:
+    """One AvgPool (shared by the layer's heads) + Linear per (layer, lr), sized by a dry
+    forward; also each layer's pooling and dims."""
     probe = torch.zeros(1, 3, input_size, input_size, device=device)
     feats = backbone.forward_taps(probe, layers)
     heads, info = [], {}
@@ -80,20 +81,31 @@ def conv_heads(backbone: TapNet, layers, input_size: int, n_classes: int, seed: 
         c, h, _ = feats[layer].shape[1:]
         pool, pool_name = pool_for(layer, h)
         dims = torch.flatten(pool(feats[layer].cpu()), 1).shape[1]
-        gen = torch.Generator().manual_seed(head_seed(seed, layer))
-        heads.append(Head(layer, layer, PooledLinear(pool, dims, n_classes, gen).to(device)))
         info[layer] = {"map": [c, h, h], "pool": pool_name, "dims": int(dims)}
+        for lr in lrs:
+            name = head_name(layer, lr, lrs)
+            gen = torch.Generator().manual_seed(head_seed(seed, name))
+            heads.append(Head(name, layer, linear_head(dims, n_classes, gen).to(device), lr,
+                              pre=pool, pre_key=pool_name))
     return heads, info
 
 
-def measurements(history: HeadHistory, column: str, extra: dict) -> list[dict]:
-    """best/last epoch x 10crop/center numbers of one head."""
+def measurements(histories: dict[str, HeadHistory], column: str, extra: dict) -> list[dict]:
+    """best/last epoch x 10crop/center numbers of one layer, over its heads (one per lr).
+
+    best_epoch: the (head, epoch) with the best 10-crop top-1 (the paper's rule);
+    last_epoch: the last epoch of the head whose last epoch is best.
+    """
+    best = max(((n, h.best()) for n, h in histories.items()),
+               key=lambda p: (p[1].top1_10crop, -p[1].epoch))
+    last = max(((n, h.last()) for n, h in histories.items()), key=lambda p: p[1].top1_10crop)
     out = []
-    for selection, ep in (("best_epoch", history.best()), ("last_epoch", history.last())):
+    for selection, (name, ep) in (("best_epoch", best), ("last_epoch", last)):
         for variant, value in (("10crop", ep.top1_10crop), ("center", ep.top1_center)):
             out.append({"column": column, "metric": "top1", "value": round(value, 4),
                         "selection": selection, "variant": variant,
-                        "extra": {"epoch": ep.epoch, "top5_10crop": ep.top5_10crop, **extra}})
+                        "extra": {"epoch": ep.epoch, "head": name,
+                                  "top5_10crop": ep.top5_10crop, **extra}})
     return out
 
 
@@ -101,11 +113,13 @@ def run(cfg: LinearProbeConfig, backbone: TapNet, train_ds, val_ds, n_classes: i
         dataset_role: str, seed: int, device: torch.device, workers: int | None = None
         ) -> list[dict]:
     """Train the conv probes; return measurement dicts (column, metric, value, selection, ...)."""
-    heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, n_classes, seed, device)
-    hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                           workers if workers is not None else cfg.workers, seed)
+    heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, n_classes, seed, device,
+                             cfg.lrs)
+    hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lrs[0], cfg.momentum,
+                           cfg.weight_decay, workers if workers is not None else cfg.workers, seed)
     hist = train_heads(backbone, heads, train_ds, val_ds, hcfg, device, desc=f"linear {dataset_role}")
     out = []
     for layer in cfg.layers:
-        out += measurements(hist[layer], f"{dataset_role}/{layer}", {"head": info[layer]})
+        mine = {h.name: hist[h.name] for h in heads if h.tap == layer}
+        out += measurements(mine, f"{dataset_role}/{layer}", {"head_info": info[layer]})
     return out

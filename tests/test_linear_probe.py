@@ -110,3 +110,20 @@ def test_cached_val_taps_give_identical_numbers():
                                 HeadTrainConfig(**cfg, val_cache_gb=gb), torch.device("cpu")))
     assert runs[0]["conv2"].epochs == runs[1]["conv2"].epochs
     assert runs[0]["conv5"].epochs == runs[1]["conv5"].epochs
+
+
+def test_selection_over_lr_grid_hand_built():
+    from evaluations.heads import EpochScores, HeadHistory
+    from evaluations.linear import measurements
+
+    def hist(name, top1s):
+        return HeadHistory(name, [EpochScores(e, 1.0, v, v - 1, v + 5) for e, v in enumerate(top1s)])
+
+    # lr 0.01 peaks at epoch 1 (60) then drops; lr 0.001 ends best (55 > 50) but peaks lower
+    ms = measurements({"conv3@lr0.01": hist("conv3@lr0.01", [40, 60, 50]),
+                       "conv3@lr0.001": hist("conv3@lr0.001", [30, 45, 55])}, "imagenet/conv3", {})
+    got = {(m["selection"], m["variant"]): (m["value"], m["extra"]["head"], m["extra"]["epoch"])
+           for m in ms}
+    assert got[("best_epoch", "10crop")] == (60, "conv3@lr0.01", 1)
+    assert got[("best_epoch", "center")] == (59, "conv3@lr0.01", 1)
+    assert got[("last_epoch", "10crop")] == (55, "conv3@lr0.001", 2)
