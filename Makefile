@@ -4,7 +4,6 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo
-export DCBENCH_CACHE ?= $(CURDIR)/$(OUT)/cache
 
 .PHONY: demo test bench install sysdeps clean
 
@@ -25,7 +24,7 @@ sysdeps:
 
 demo: install sysdeps
 	$(BIN)/python -m pretrain --preset demo --out $(OUT)/pretrain $(if $(wildcard $(OUT)/pretrain/checkpoint.pth),--resume,)
-	$(BIN)/python -m evaluations.run_all --suite demo --executor local --ckpt $(OUT)/pretrain/checkpoint.pth --label "DeepCluster (ours, demo)" --results $(OUT)/results
+	$(BIN)/python -m evaluations.run_all --suite demo --executor local --ckpt $(OUT)/pretrain/checkpoint.pth --label "DeepCluster (ours, demo)" --results $(OUT)/results --cache $(OUT)/cache
 	$(BIN)/python tables/render.py --results $(OUT)/results --out $(OUT)/tables --logs $(OUT)/pretrain --format all
 
 test: install sysdeps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_ta
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 
@@ -30,6 +32,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("pretrain", "evaluations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     results = {"platform": platform.platform(), "python": platform.python_version(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for name in BENCHES:
