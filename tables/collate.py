@@ -433,7 +433,8 @@ def _caption(col: Collated, ref_label: str) -> str:
     if col.embedded_datasets:
         parts.append("Our numbers come from the embedded demo suite ("
                      f"{', '.join(col.embedded_datasets)}), not the paper's datasets: they "
-                     "are not comparable to the published numbers.")
+                     "are not comparable to the published numbers, and their schedule is "
+                     "scaled (each record's config holds it).")
     if col.unknown_protocols:
         parts.append(f"Unknown protocol(s) {', '.join(col.unknown_protocols)}: not the "
                      f"paper's protocols ({', '.join(spec.protocols)}).")
