@@ -29,6 +29,7 @@ class CheckpointInfo:
     sha256: str
     arch: str
     sobel: bool
+    fc_dim: int
     epoch: int | None
     k: int | None
 
@@ -44,7 +45,7 @@ def describe_checkpoint(path: str | Path, label: str | None = None) -> Checkpoin
     k = loaded.raw.get("k") if isinstance(loaded.raw.get("k"), int) else loaded.spec.k
     return CheckpointInfo(id=f"{path.stem}-{sha[:10]}", label=label or path.stem, path=str(path),
                           sha256=sha, arch=loaded.spec.arch, sobel=loaded.spec.sobel,
-                          epoch=loaded.epoch, k=k)
+                          fc_dim=loaded.spec.fc_dim, epoch=loaded.epoch, k=k)
 
 
 def write_random_checkpoint(spec: ModelSpec, path: str | Path, seed: int = 0) -> Path:
@@ -55,10 +56,9 @@ def write_random_checkpoint(spec: ModelSpec, path: str | Path, seed: int = 0) ->
     """
     path = Path(path)
     if not path.exists():
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = build_model(ModelSpec(spec.arch, spec.sobel, spec.fc_dim, None))
-        torch.random.set_rng_state(gen_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(ModelSpec(spec.arch, spec.sobel, spec.fc_dim, None))
         atomic_torch_save(released_payload(model, epoch=0), path)
     return path
 

@@ -25,7 +25,7 @@ selection      ``best_epoch`` (the paper's rule: best epoch on the evaluation sp
                ``last_epoch`` | ``final``
 variant        test-time variant (``10crop`` | ``center``) or null
 seed           int
-checkpoint     {id, label, path, sha256, arch, sobel, epoch, k}
+checkpoint     {id, label, path, sha256, arch, sobel, fc_dim, epoch, k}
 config         the resolved config (dict) and ``config_hash``
 cell_key       the cell this record belongs to
 code           {version, git_sha, dirty}; env {python, torch, torchvision, faiss, numpy,

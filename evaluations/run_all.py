@@ -99,26 +99,29 @@ def checkpoints(args, suite, results: Path) -> list:
     infos = [describe_checkpoint(p, lab) for p, lab in zip(args.ckpt, labels)]
     want_random = suite.random_baseline if args.random_baseline is None else args.random_baseline
     if want_random:
-        from pretrain.checkpoint import load_checkpoint
+        from pretrain.models import ModelSpec
 
-        seen = set()
-        for info in list(infos):
-            spec = load_checkpoint(info.path).spec
+        specs = {ModelSpec(i.arch, i.sobel, i.fc_dim) for i in infos}
+        for spec in sorted(specs, key=str):
             name = f"random-{spec.arch}-{'sobel' if spec.sobel else 'rgb'}-fc{spec.fc_dim}"
-            if name in seen:
-                continue
-            seen.add(name)
             path = write_random_checkpoint(spec, results / "_random" / f"{name}.pth")
             infos.append(describe_checkpoint(path, f"Random ({spec.arch}, same init)"))
     return infos
 
 
-def clean_temp_files(results: Path) -> int:
-    """Remove temp files a killed writer left behind (never a finished record)."""
+def clean_temp_files(results: Path, older_than_s: float = 600) -> int:
+    """Remove temp files a killed writer left behind (never a finished record). A write takes
+    milliseconds: only files older than ``older_than_s`` are stale, so a job that is still
+    running elsewhere never loses the file it is about to rename."""
     n = 0
+    now = time.time()
     for p in results.glob("*/.*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass
     return n
 
 
@@ -172,8 +175,9 @@ def _main(args) -> int:
     cells = build_cells(suite, infos, roots, names, overrides)
     if not args.dry_run:
         clean_temp_files(results)
-    skipped = [c for c in cells if records.is_done(results, c.checkpoint["id"], c.key)]
-    todo = [c for c in cells if c not in skipped]
+    done_keys = {c.key for c in cells if records.is_done(results, c.checkpoint["id"], c.key)}
+    skipped = [c for c in cells if c.key in done_keys]
+    todo = [c for c in cells if c.key not in done_keys]
     groups: dict = defaultdict(list)
     for c in todo:
         groups[c.resources.key()].append(c)
