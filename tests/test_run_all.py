@@ -184,3 +184,33 @@ def test_dry_run_prints_matrix_and_resources(env, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "4 cell(s) to run" in p.stdout and "cpus=1 mem=2G time=10min" in p.stdout
     assert not cell_files(tmp_path / "res")
+
+
+def test_failing_cell_is_reported_and_recorded(env, tmp_path):
+    """A corrupt image met inside a job: the cell fails, the others still run, the summary names
+    the failure and its log, exit code 1, and a .failed.json (never a record) is left."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imnet"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1)):
+        for c in ("n00000001", "n00000002"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{c}_{i}.JPEG", format="PNG")
+    (root / "val" / "n00000002" / "broken.JPEG").write_bytes(b"not an image at all")
+    suite = tmp_path / "s.toml"
+    suite.write_text(TINY_SUITE.format(random="false").replace(
+        'imagenet = "embedded"', f'imagenet = "{root}"'))
+    results = tmp_path / "res"
+    p = run_all(env, "--suite", str(suite), "--executor", "local", results=results)
+    assert p.returncode == 1, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "2 done, 0 skipped" in p.stdout and "2 failed" in p.stdout
+    assert "FAILED linear-imagenet" in p.stdout and "broken.JPEG" in p.stdout
+    failed = sorted(results.glob("*/*.failed.json"))
+    assert len(failed) == 2 and all("imagenet" in f.name for f in failed)
+    info = json.loads(failed[0].read_text())
+    assert "broken.JPEG" in info["error"] and info["columns"][0] == "imagenet/conv1"
+    assert len(cell_files(results)) == 2  # the places cells
