@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (PermissionError, NotADirectoryError, FileExistsError) as e:
+        print(f"error: cannot write {e.filename}: {e.strerror}. Pass a writable folder to "
+              "--results / --cache.", file=sys.stderr)
+        return 2
 
 
 def _main(args) -> int:
