@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pretrain.errors import UserError
 from pretrain.models import TapNet
 
 from .heads import Head, HeadTrainConfig, train_heads
@@ -31,6 +32,10 @@ class FcRetrainConfig:
     workers: int = 8
     device: str = "auto"
 
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise UserError("fc_retrain: epochs and batch_size must be >= 1 and lr > 0.")
+
 
 def fc_head(in_dim: int, fc_dim: int, n_classes: int, dropout: float,
             generator: torch.Generator) -> nn.Sequential:
@@ -47,8 +52,7 @@ def fc_head(in_dim: int, fc_dim: int, n_classes: int, dropout: float,
 
 
 def run(cfg: FcRetrainConfig, backbone: TapNet, train_ds, val_ds, n_classes: int,
-        dataset_role: str, seed: int, device: torch.device, workers: int | None = None
-        ) -> list[dict]:
+        dataset_role: str, seed: int, device: torch.device) -> list[dict]:
     with torch.no_grad():
         pooled = backbone.forward_taps(torch.zeros(1, 3, cfg.input_size, cfg.input_size,
                                                    device=device), ["pool5"])["pool5"]
@@ -57,6 +61,6 @@ def run(cfg: FcRetrainConfig, backbone: TapNet, train_ds, val_ds, n_classes: int
     head = Head("fc6-8", "pool5", fc_head(in_dim, backbone.spec.fc_dim, n_classes, cfg.dropout,
                                           gen).to(device))
     hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                           workers if workers is not None else cfg.workers, seed)
+                           cfg.workers, seed)
     hist = train_heads(backbone, [head], train_ds, val_ds, hcfg, device, desc="fc6-8")
     return measurements(hist, f"{dataset_role}/acc1", {"in_dim": in_dim})

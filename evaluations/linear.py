@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pretrain.errors import UserError
 from pretrain.models import CONV_TAPS, TapNet
 
 from .heads import Head, HeadHistory, HeadTrainConfig, train_heads
@@ -39,6 +40,17 @@ class LinearProbeConfig:
     resize_size: int = 256
     workers: int = 8
     device: str = "auto"
+
+    def __post_init__(self):
+        bad = [layer for layer in self.layers if layer not in CONV_TAPS]
+        if not self.layers or bad:
+            raise UserError(f"linear probe: layers must be a non-empty subset of "
+                            f"{', '.join(CONV_TAPS)} (got {list(self.layers)}).")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise UserError(f"linear probe: lrs must list one or more positive learning rates "
+                            f"(got {list(self.lrs)}).")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("linear probe: epochs and batch_size must be >= 1.")
 
 
 def pool_for(layer: str, map_size: int) -> tuple[nn.Module, str]:
@@ -110,13 +122,12 @@ def measurements(histories: dict[str, HeadHistory], column: str, extra: dict) ->
 
 
 def run(cfg: LinearProbeConfig, backbone: TapNet, train_ds, val_ds, n_classes: int,
-        dataset_role: str, seed: int, device: torch.device, workers: int | None = None
-        ) -> list[dict]:
+        dataset_role: str, seed: int, device: torch.device) -> list[dict]:
     """Train the conv probes; return measurement dicts (column, metric, value, selection, ...)."""
     heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, n_classes, seed, device,
                              cfg.lrs)
     hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lrs[0], cfg.momentum,
-                           cfg.weight_decay, workers if workers is not None else cfg.workers, seed)
+                           cfg.weight_decay, cfg.workers, seed)
     hist = train_heads(backbone, heads, train_ds, val_ds, hcfg, device, desc=f"linear {dataset_role}")
     out = []
     for layer in cfg.layers:

@@ -127,3 +127,14 @@ def test_selection_over_lr_grid_hand_built():
     assert got[("best_epoch", "10crop")] == (60, "conv3@lr0.01", 1)
     assert got[("best_epoch", "center")] == (59, "conv3@lr0.01", 1)
     assert got[("last_epoch", "10crop")] == (55, "conv3@lr0.001", 2)
+
+
+def test_bad_probe_config_in_a_suite_is_one_clear_error():
+    from evaluations.suites import parse_suite
+    from pretrain.errors import UserError
+
+    for config, needle in (({"lrs": []}, "lrs"), ({"layers": ["conv6"]}, "conv6"),
+                           ({"lrs": [-0.1]}, "lrs"), ({"epochs": 0}, "epochs")):
+        with pytest.raises(UserError, match=needle):
+            parse_suite({"cell": [{"task": "linear", "datasets": ["imagenet"],
+                                   "config": config}]}, "t.toml")
