@@ -14,9 +14,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 import tempfile
+from typing import Any
 
 import torch
 
@@ -24,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluations.datasets.embedded import build_embedded  # noqa: E402
 from evaluations.datasets.imagenet import imagenet_split  # noqa: E402
-from evaluations.heads import (HeadTrainConfig, probe_test_transform,  # noqa: E402
-                               probe_train_transform, train_heads)
+from dcbench.core import probe_test_transform, probe_train_transform  # noqa: E402
+from evaluations.heads import HeadTrainConfig, train_heads  # noqa: E402
 from evaluations.linear import conv_heads  # noqa: E402
 from pretrain.models import CONV_TAPS, AlexNet  # noqa: E402
 

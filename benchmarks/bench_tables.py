@@ -21,23 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluations.records import RECORD_SCHEMA, iter_results_files, write_cell  # noqa: E402
+from evaluations.records import CellFile, Record, iter_results_files, write_cell  # noqa: E402
 from tables.collate import build_view, collate_table, load_results  # noqa: E402
 from tables.render import to_csv, to_latex, to_markdown  # noqa: E402
 from tables.specs import SPECS  # noqa: E402
 
 
 def _record(rng: random.Random, ckpt: dict, table: str, column: str, seed: int,
-            selection: str, variant: str | None) -> dict:
-    return {
-        "schema": RECORD_SCHEMA, "table": table, "column": column, "task": "synthetic",
-        "dataset": column.split("/")[0], "dataset_name": "synthetic", "protocol": "dc2018",
-        "metric": SPECS[table].column(column).metric, "value": rng.uniform(10, 80),
-        "selection": selection, "variant": variant, "seed": seed, "checkpoint": ckpt,
-        "config": {"lr": 0.01, "epochs": 90}, "config_hash": "0" * 12, "cell_key": "",
-        "code": {"version": "0", "git_sha": "0" * 40, "dirty": False},
-        "env": {"python": "3.11"}, "job_id": "0", "started": "", "ended": "", "seconds": 1.0,
-    }
+            selection: str, variant: str | None, key: str) -> Record:
+    return Record(
+        table=table, column=column, task="synthetic", dataset=column.split("/")[0],
+        dataset_name="synthetic", protocol="dc2018", metric=SPECS[table].column(column).metric,
+        value=rng.uniform(10, 80), selection=selection, variant=variant, seed=seed,
+        checkpoint=ckpt, config={"lr": 0.01, "epochs": 90}, config_hash="0" * 12, cell_key=key,
+        code={"version": "0", "git_sha": "0" * 40, "dirty": False},
+        env={"python": "3.11"}, job_id="0", started="", ended="", seconds=1.0)
 
 
 def make_records(root: Path, n: int, per_file: int, seed: int = 0) -> int:
@@ -51,15 +49,13 @@ def make_records(root: Path, n: int, per_file: int, seed: int = 0) -> int:
         ckpt = {"id": f"ckpt{ck:02d}", "label": f"synthetic {ck:02d}", "path": "", "sha256": "",
                 "arch": "alexnet", "sobel": True, "epoch": 1, "k": 10 ** (2 + ck % 4)}
         recs = []
+        key = f"cell{i:06d}"
         for j in range(min(per_file, n - written)):
             table, column = slots[(i * per_file + j) % len(slots)]
             sel, var = ("best_epoch", "10crop") if table == "table1" else ("final", None)
             recs.append(_record(rng, ckpt, table, column, seed=i // 40, selection=sel,
-                                variant=var))
-        key = f"cell{i:06d}"
-        for r in recs:
-            r["cell_key"] = key
-        write_cell(root, ckpt["id"], key, "synthetic", recs)
+                                variant=var, key=key))
+        write_cell(root, ckpt["id"], CellFile(key, "synthetic", tuple(recs)))
         written += len(recs)
         i += 1
     return written
@@ -74,7 +70,7 @@ def _best(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=5000)
     p.add_argument("--per-file", type=int, default=5)
@@ -107,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
           f"= {n / (t_col + t_ren):,.0f} records/s")
     print(f"load+collate+render:                {total * 1e3:8.1f} ms "
           f"= {n / total:,.0f} records/s")
+    return {"records": n, "files": len(files), "reference_load_s": t_ref, "load_s": t_load,
+            "collate_s": t_col, "render_s": t_ren, "load_vs_reference": t_load / t_ref,
+            "records_per_s": n / total, "our_rows": rows}
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> int:
         print(f"\n== {name}")
         mod = _load(name)
         if name == "bench_tables":
-            mod.main(["--records", "500", "--repeat", "1"] if args.quick else [])
+            results[name] = mod.main(["--records", "500", "--repeat", "1"] if args.quick else [])
             continue
         results[name] = mod.run(quick=args.quick)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")

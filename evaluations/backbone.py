@@ -2,45 +2,23 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dcbench.core import UserError, file_sha256
 from pretrain.checkpoint import atomic_torch_save, load_checkpoint, released_payload
 from pretrain.models import ModelSpec, TapNet, build_model
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .context import TaskContext
+from .records import CheckpointInfo
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a record says about the checkpoint it evaluated."""
-
-    id: str  # <stem>-<sha256[:10]>: the results sub-folder
-    label: str  # row label in the tables
-    path: str
-    sha256: str
-    arch: str
-    sobel: bool
-    fc_dim: int
-    epoch: int | None
-    k: int | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def describe_checkpoint(path: str | Path, label: str | None = None) -> CheckpointInfo:
+def describe_checkpoint(path: str | Path, label: str | None = None,
+                        trust_pickle: bool = False) -> CheckpointInfo:
     """Read ``path`` once to fill in its :class:`CheckpointInfo` (validates the file too)."""
     path = Path(path).expanduser().resolve()
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, trust_pickle=trust_pickle)
     sha = file_sha256(path)
     k = loaded.raw.get("k") if isinstance(loaded.raw.get("k"), int) else loaded.spec.k
     return CheckpointInfo(id=f"{path.stem}-{sha[:10]}", label=label or path.stem, path=str(path),
@@ -72,11 +50,24 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def frozen_backbone(path: str | Path, device: torch.device) -> TapNet:
-    """The network of ``path`` in eval mode with every parameter frozen."""
-    model = load_checkpoint(path).model
+def load_cell_checkpoint(ctx: TaskContext) -> TapNet:
+    """The network of the cell's checkpoint, after checking the file is the one the cell was
+    keyed by (a file replaced between submission and run would give foreign numbers)."""
+    ck = ctx.checkpoint
+    if not Path(ck.path).is_file():
+        raise UserError(f"checkpoint {ck.path} no longer exists (it was there when the job was "
+                        "submitted); put it back, or rerun run_all with the new path.")
+    if file_sha256(ck.path) != ck.sha256:
+        raise UserError(f"checkpoint {ck.path} changed since the job was submitted (sha256 "
+                        "differs); rerun run_all so the cell is keyed by the new file.")
+    return load_checkpoint(ck.path, trust_pickle=ctx.runtime.trust_pickle).model
+
+
+def frozen_backbone(ctx: TaskContext) -> TapNet:
+    """The cell's network in eval mode on its device, every parameter frozen, no k-way head."""
+    model = load_cell_checkpoint(ctx)
     model.top_layer = None
-    model.eval().to(device)
+    model.eval().to(ctx.device)
     for p in model.parameters():
         p.requires_grad = False
     return model

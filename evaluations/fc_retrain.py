@@ -12,15 +12,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.errors import UserError
-from pretrain.models import TapNet
+from dcbench.core import UserError
 
-from .heads import Head, HeadTrainConfig, train_heads
-from .linear import head_seed, measurements
+from .backbone import frozen_backbone
+from .context import TaskContext
+from .heads import Head, head_seed, probe_data, train_heads
+from .linear import head_config, measurements
+from .records import Measurement
 
 
 @dataclass(frozen=True)
 class FcRetrainConfig:
+    """The recipe (dc2018-reimpl: the linear-probe recipe, the network's own fc shape)."""
+
     epochs: int = 90
     batch_size: int = 256
     lr: float = 0.01
@@ -29,12 +33,12 @@ class FcRetrainConfig:
     dropout: float = 0.5
     input_size: int = 224
     resize_size: int = 256
-    workers: int = 8
-    device: str = "auto"
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UserError("fc_retrain: epochs and batch_size must be >= 1 and lr > 0.")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"fc_retrain: dropout must be in [0, 1) (got {self.dropout}).")
 
 
 def fc_head(in_dim: int, fc_dim: int, n_classes: int, dropout: float,
@@ -51,16 +55,18 @@ def fc_head(in_dim: int, fc_dim: int, n_classes: int, dropout: float,
     return head
 
 
-def run(cfg: FcRetrainConfig, backbone: TapNet, train_ds, val_ds, n_classes: int,
-        dataset_role: str, seed: int, device: torch.device) -> list[dict]:
+def run(cfg: FcRetrainConfig, ctx: TaskContext) -> list[Measurement]:
+    """Retrain fc6-8 on the frozen ``pool5``; the records of :func:`linear.measurements`
+    with ``in_dim`` and ``data`` (split sizes) in their details."""
+    backbone = frozen_backbone(ctx)
+    data = probe_data(ctx, cfg.resize_size, cfg.input_size)
     with torch.no_grad():
         pooled = backbone.forward_taps(torch.zeros(1, 3, cfg.input_size, cfg.input_size,
-                                                   device=device), ["pool5"])["pool5"]
+                                                   device=ctx.device), ["pool5"])["pool5"]
     in_dim = int(pooled[0].numel())
-    gen = torch.Generator().manual_seed(head_seed(seed, "fc6-8"))
-    head = Head("fc6-8", "pool5", fc_head(in_dim, backbone.spec.fc_dim, n_classes, cfg.dropout,
-                                          gen).to(device))
-    hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                           cfg.workers, seed)
-    hist = train_heads(backbone, [head], train_ds, val_ds, hcfg, device, desc="fc6-8")
-    return measurements(hist, f"{dataset_role}/acc1", {"in_dim": in_dim})
+    gen = torch.Generator().manual_seed(head_seed(ctx.seed, "fc6-8"))
+    head = Head("fc6-8", "pool5", fc_head(in_dim, backbone.spec.fc_dim, data.num_classes,
+                                          cfg.dropout, gen).to(ctx.device))
+    hist = train_heads(backbone, [head], data.train, data.val, head_config(cfg, ctx, cfg.lr),
+                       ctx.device, desc="fc6-8")
+    return measurements(hist, f"{ctx.dataset}/acc1", {"in_dim": in_dim, "data": data.details})

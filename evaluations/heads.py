@@ -13,32 +13,47 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms as T
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
+from dcbench.core import (EnumeratedSampler, SeededDraws, check_finite_loss, derive_seed,
+                          probe_test_transform, probe_train_transform)
 from pretrain.data import loader_batches
 from pretrain.models import TapNet
-from pretrain.train import IMAGENET_MEAN, IMAGENET_STD
 
 from .backbone import state_fingerprint
+from .context import TaskContext
+from .datasets import READERS
 from .metrics import tencrop_probs, topk_correct
 
 log = logging.getLogger(__name__)
 CENTRE_OF_TENCROP = 4  # torchvision TenCrop: tl, tr, bl, br, centre, then the flipped five
 
 
-def probe_train_transform(resize: int, size: int) -> T.Compose:
-    """The authors' probe training crops: Resize, CenterCrop(resize), RandomCrop, flip."""
-    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.RandomCrop(size),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+@dataclass(frozen=True)
+class ProbeData:
+    """The train and val sets of a classification probe, and what records say about them."""
+
+    train: object
+    val: object
+    num_classes: int
+    details: dict
 
 
-def probe_test_transform(resize: int, size: int) -> T.Compose:
-    """Resize then TenCrop -> tensor [10, 3, size, size] (crop 4 is the centre crop)."""
-    norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return T.Compose([T.Resize(resize), T.TenCrop(size),
-                      T.Lambda(lambda crops: torch.stack([norm(c) for c in crops]))])
+def probe_data(ctx: TaskContext, resize_size: int, input_size: int) -> ProbeData:
+    """Train (random crops) and val (ten crops) sets of the cell's dataset role."""
+    reader = READERS[ctx.dataset]
+    train, val = reader(ctx.data_root, "train"), reader(ctx.data_root, "val")
+    return ProbeData(train.dataset(probe_train_transform(resize_size, input_size)),
+                     val.dataset(probe_test_transform(resize_size, input_size)),
+                     train.num_classes,
+                     {"train": len(train), "val": len(val), "classes": train.num_classes,
+                      "train_layout": train.layout, "val_layout": val.layout})
+
+
+def head_seed(seed: int, name: str) -> int:
+    """Per-head init seed: independent of which other heads train alongside."""
+    return derive_seed(seed, "head", name)
 
 
 @dataclass
@@ -75,8 +90,8 @@ class HeadTrainConfig:
     lr: float
     momentum: float
     weight_decay: float
-    workers: int = 4
     seed: int = 0
+    workers: int = 4  # runtime: crops are seeded per draw, so workers change no number
     # The backbone is frozen and the test crops are deterministic, so the val taps are the
     # same every epoch: keep them when they fit (same batches, bit-identical numbers).
     val_cache_gb: float = 2.0
@@ -158,20 +173,23 @@ def train_heads(backbone: TapNet, heads: list[Head], train_ds, val_ds, cfg: Head
                 device: torch.device, desc: str = "heads") -> dict[str, HeadHistory]:
     """Train ``heads`` on frozen ``backbone``; evaluate every epoch on ``val_ds``.
 
+    The data order comes from a generator seeded by ``cfg.seed``; the random crops of draw
+    ``j`` of epoch ``e`` from ``derive_seed(seed, e, j)``, whichever process makes them; the
+    heads' dropout from torch's RNG, seeded here and restored afterwards.
     Raises RuntimeError if the backbone's weights or BN buffers changed (they must not).
-    Random crops drawn in this process (``workers=0``) come from torch's global RNG, seeded
-    here from ``cfg.seed`` and restored afterwards; workers are seeded by the loader.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(derive_seed(cfg.seed, "dropout"))
         return _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc)
 
 
 def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
     before = state_fingerprint(backbone)
     backbone.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order"))
+    draws = SeededDraws(train_ds, derive_seed(cfg.seed, "crops"))
+    train_loader = DataLoader(draws, batch_size=cfg.batch_size,
+                              sampler=EnumeratedSampler(RandomSampler(train_ds, generator=gen)),
                               num_workers=cfg.workers, drop_last=False)
     # ten crops per image: batch_size // 10 images keep one forward at ~batch_size crops
     val_loader = DataLoader(val_ds, batch_size=max(1, cfg.batch_size // 10), shuffle=False,
@@ -187,6 +205,7 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
         cache = list(val_features(backbone, heads, val_loader, device))
     t = 0
     for epoch in range(cfg.epochs):
+        draws.set_epoch(epoch)
         for h in heads:
             h.module.train()
         losses = {h.name: 0.0 for h in heads}
@@ -202,8 +221,9 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
                 for g in opt.param_groups:
                     g["lr"] = bottou_lr(lr0[h.name], cfg.weight_decay, t)
                 loss = crit(h.module(inputs[h.input_key]), y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"head {h.name}: loss {loss.item()} at epoch {epoch}")
+                check_finite_loss(loss.item(), f"{desc} head {h.name}, epoch {epoch}",
+                                  f"lower its learning rate (now {lr0[h.name]:g}) in the "
+                                  "suite's [cell.config]")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

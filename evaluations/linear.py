@@ -12,10 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from pretrain.models import CONV_TAPS, TapNet
 
-from .heads import Head, HeadHistory, HeadTrainConfig, train_heads
+from .backbone import frozen_backbone
+from .context import TaskContext
+from .heads import Head, HeadHistory, HeadTrainConfig, head_seed, probe_data, train_heads
+from .records import Measurement
 
 # (kernel, stride, pad) of AvgPool2d at 224 input, and the pooled grid it gives (AlexNet).
 PAPER_POOL = {"conv1": (6, 6, 3), "conv2": (4, 4, 0), "conv3": (3, 3, 1), "conv4": (3, 3, 1),
@@ -26,7 +29,7 @@ PAPER_GRID = {"conv1": 10, "conv2": 6, "conv3": 5, "conv4": 5, "conv5": 6}
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """Defaults: the paper's protocol (the authors' eval_linear settings)."""
+    """The recipe; defaults: the paper's protocol (the authors' eval_linear settings)."""
 
     layers: tuple[str, ...] = CONV_TAPS
     epochs: int = 90
@@ -38,8 +41,6 @@ class LinearProbeConfig:
     weight_decay: float = 1e-7
     input_size: int = 224
     resize_size: int = 256
-    workers: int = 8
-    device: str = "auto"
 
     def __post_init__(self):
         bad = [layer for layer in self.layers if layer not in CONV_TAPS]
@@ -72,11 +73,6 @@ def linear_head(in_dim: int, n_classes: int, generator: torch.Generator) -> nn.S
     return head
 
 
-def head_seed(seed: int, name: str) -> int:
-    """Per-head init seed: independent of which other heads train alongside."""
-    return (seed * 1_000_003 + sum(ord(c) * 31 ** i for i, c in enumerate(name))) % (2**63)
-
-
 def head_name(layer: str, lr: float, lrs) -> str:
     return layer if len(lrs) == 1 else f"{layer}@lr{lr:g}"
 
@@ -102,11 +98,13 @@ def conv_heads(backbone: TapNet, layers, input_size: int, n_classes: int, seed: 
     return heads, info
 
 
-def measurements(histories: dict[str, HeadHistory], column: str, extra: dict) -> list[dict]:
+def measurements(histories: dict[str, HeadHistory], column: str,
+                 details: dict) -> list[Measurement]:
     """best/last epoch x 10crop/center numbers of one layer, over its heads (one per lr).
 
     best_epoch: the (head, epoch) with the best 10-crop top-1 (the paper's rule);
-    last_epoch: the last epoch of the head whose last epoch is best.
+    last_epoch: the last epoch of the head whose last epoch is best. ``details`` of each:
+    ``epoch`` and ``head`` chosen, ``top5_10crop``, plus the caller's ``details``.
     """
     best = max(((n, h.best()) for n, h in histories.items()),
                key=lambda p: (p[1].top1_10crop, -p[1].epoch))
@@ -114,23 +112,31 @@ def measurements(histories: dict[str, HeadHistory], column: str, extra: dict) ->
     out = []
     for selection, (name, ep) in (("best_epoch", best), ("last_epoch", last)):
         for variant, value in (("10crop", ep.top1_10crop), ("center", ep.top1_center)):
-            out.append({"column": column, "metric": "top1", "value": round(value, 4),
-                        "selection": selection, "variant": variant,
-                        "extra": {"epoch": ep.epoch, "head": name,
-                                  "top5_10crop": ep.top5_10crop, **extra}})
+            out.append(Measurement(column, "top1", round(value, 4), selection, variant,
+                                   {"epoch": ep.epoch, "head": name,
+                                    "top5_10crop": ep.top5_10crop, **details}))
     return out
 
 
-def run(cfg: LinearProbeConfig, backbone: TapNet, train_ds, val_ds, n_classes: int,
-        dataset_role: str, seed: int, device: torch.device) -> list[dict]:
-    """Train the conv probes; return measurement dicts (column, metric, value, selection, ...)."""
-    heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, n_classes, seed, device,
-                             cfg.lrs)
-    hcfg = HeadTrainConfig(cfg.epochs, cfg.batch_size, cfg.lrs[0], cfg.momentum,
-                           cfg.weight_decay, cfg.workers, seed)
-    hist = train_heads(backbone, heads, train_ds, val_ds, hcfg, device, desc=f"linear {dataset_role}")
+def head_config(cfg, ctx: TaskContext, lr: float) -> HeadTrainConfig:
+    """The multi-head trainer's settings from a probe recipe and the cell's runtime."""
+    return HeadTrainConfig(cfg.epochs, cfg.batch_size, lr, cfg.momentum, cfg.weight_decay,
+                           ctx.seed, ctx.runtime.workers, ctx.runtime.val_cache_gb)
+
+
+def run(cfg: LinearProbeConfig, ctx: TaskContext) -> list[Measurement]:
+    """Train the conv probes of ``cfg.layers`` on the cell's dataset; per layer, the records
+    of :func:`measurements` with ``head_info`` (map, pooling, dims) and ``data`` (split
+    sizes) in their details."""
+    backbone = frozen_backbone(ctx)
+    data = probe_data(ctx, cfg.resize_size, cfg.input_size)
+    heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, data.num_classes, ctx.seed,
+                             ctx.device, cfg.lrs)
+    hist = train_heads(backbone, heads, data.train, data.val, head_config(cfg, ctx, cfg.lrs[0]),
+                       ctx.device, desc=f"linear {ctx.dataset}")
     out = []
     for layer in cfg.layers:
         mine = {h.name: hist[h.name] for h in heads if h.tap == layer}
-        out += measurements(mine, f"{dataset_role}/{layer}", {"head_info": info[layer]})
+        out += measurements(mine, f"{ctx.dataset}/{layer}",
+                            {"head_info": info[layer], "data": data.details})
     return out

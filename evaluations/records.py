@@ -1,55 +1,35 @@
-"""Result records: one JSON object per number, grouped in one file per cell.
+"""Result records: one typed :class:`Record` per number, grouped in one file per cell.
 
 Torch-free on purpose: ``tables`` reads records through this module.
 
 On disk (``<results>/<ckpt-id>/``):
 
-* ``<cell-key>.json``         a finished cell: ``{"schema": CELL_SCHEMA, "cell_key", "task",
-                              "records": [record, ...]}``. A cell is done iff this file exists.
-* ``<cell-key>.failed.json``  the last failure of a cell: ``{"schema": FAILURE_SCHEMA,
-                              "cell_key", "task", "table", "columns", "checkpoint", "protocol",
-                              "error", "log", "job_id", "time"}``; removed when the cell succeeds.
+* ``<cell-key>.json``         a finished cell (:class:`CellFile`): ``{"schema": CELL_SCHEMA,
+                              "cell_key", "task", "records": [record, ...]}``. A cell is done
+                              iff this file parses and validates.
+* ``<cell-key>.failed.json``  the last failure of a cell (:class:`Failure`); removed when the
+                              cell succeeds.
 
-A record (``schema == RECORD_SCHEMA``) has these keys:
-
-=============  =============================================================================
-table          paper table id: ``table1`` | ``supp_fc`` | ``voc`` | ``retrieval``
-column         e.g. ``imagenet/conv3``, ``places/conv1``, ``imagenet/acc1``,
-               ``classification/fc6-8``, ``detection/all``, ``oxford5k``
-task           evaluation module name, e.g. ``linear``
-dataset        the dataset's role (``imagenet``, ``places``); ``dataset_name`` the actual data
-               (``ILSVRC2012``, ``embedded/fashion-mnist``)
-protocol       ``dc2018`` (the paper's) | ``dc2018-reimpl`` | a user's name
-metric         ``top1`` | ``mAP`` | ``mIoU`` ...; ``value`` in percent (0-100)
-selection      ``best_epoch`` (the paper's rule: best epoch on the evaluation split) |
-               ``last_epoch`` | ``final``
-variant        test-time variant (``10crop`` | ``center``) or null
-seed           int
-checkpoint     {id, label, path, sha256, arch, sobel, fc_dim, epoch, k}
-config         the resolved config (dict) and ``config_hash``
-cell_key       the cell this record belongs to
-code           {version, git_sha, dirty}; env {python, torch, torchvision, faiss, numpy,
-               platform, device}; job_id; started / ended (ISO 8601 UTC); seconds
-=============  =============================================================================
+Schema 1 files (written before the recipe/runtime split) hold the same record keys, but their
+``config`` also holds runtime settings (``workers``, ``device``) and their cell key hashed them:
+``evaluations.run_all`` migrates such a file to the current key the first time it meets its
+cell (see :func:`evaluations.suites.legacy_key`); the tables read both schemas.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-RECORD_SCHEMA = "dcbench.record/1"
-CELL_SCHEMA = "dcbench.cell/1"
-FAILURE_SCHEMA = "dcbench.failure/1"
+from dcbench.core import atomic_write_json
 
-RECORD_KEYS = (
-    "schema", "table", "column", "task", "dataset", "dataset_name", "protocol", "metric",
-    "value", "selection", "variant", "seed", "checkpoint", "config", "config_hash",
-    "cell_key", "code", "env", "job_id", "started", "ended", "seconds",
-)
+RECORD_SCHEMA = "dcbench.record/2"
+CELL_SCHEMA = "dcbench.cell/2"
+FAILURE_SCHEMA = "dcbench.failure/2"
+LEGACY_SCHEMAS = {"record": "dcbench.record/1", "cell": "dcbench.cell/1",
+                  "failure": "dcbench.failure/1"}
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:
@@ -58,24 +38,159 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a record says about the checkpoint it evaluated."""
+
+    id: str  # <stem>-<sha256[:10]>: the results sub-folder
+    label: str  # row label in the tables (presentation only)
+    path: str
+    sha256: str
+    arch: str
+    sobel: bool
+    fc_dim: int
+    epoch: int | None
+    k: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+@dataclass(frozen=True)
+class Measurement:
+    """One number a task computed; the worker turns it into a :class:`Record`."""
+
+    column: str
+    metric: str
+    value: float
+    selection: str
+    variant: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One number and its provenance (a JSON object with these keys plus ``schema``).
+
+    =============  =============================================================================
+    table          paper table id: ``table1`` | ``supp_fc`` | ``voc`` | ``retrieval``
+    column         e.g. ``imagenet/conv3``, ``places/conv1``, ``imagenet/acc1``,
+                   ``classification/fc6-8``, ``detection/all``, ``oxford5k``
+    task           the evaluation's registry name, e.g. ``linear``
+    dataset        the dataset's role (``imagenet``, ``places``); ``dataset_name``: the data
+                   actually read (the root's name, or ``embedded/fashion-mnist``)
+    protocol       ``dc2018`` (the paper's settings) | ``dc2018-reimpl`` (a documented
+                   re-implementation where the paper's settings were never published)
+    metric         ``top1`` | ``mAP`` | ``mIoU``; ``value`` in percent (0-100)
+    selection      ``best_epoch`` (the paper's rule: best epoch on the evaluation split) |
+                   ``last_epoch`` | ``final``
+    variant        test-time variant (``10crop`` | ``center``) or None
+    seed           the cell's seed
+    checkpoint     :class:`CheckpointInfo` as a dict
+    config         the task's recipe: every setting that can change the number (hashed into
+                   the cell key, ``config_hash`` = its short hash)
+    cell_key       the cell this record belongs to
+    code           {version, git_sha, dirty}
+    env            {python, torch, torchvision, faiss, numpy, platform, device, host,
+                   runtime: the runtime settings (workers, device, caches), never hashed}
+    job_id         ``<array id>_<index>`` under SLURM, the local job id, or None
+    started/ended  ISO 8601 UTC; ``seconds`` the cell's wall time
+    details        task-specific, documented by each task's ``run``: e.g. the selected epoch
+                   and head, top-5, the probe's pooling, per-class APs; ``data`` the sizes of
+                   the splits read
+    =============  =============================================================================
+    """
+
+    table: str
+    column: str
+    task: str
+    dataset: str
+    dataset_name: str
+    protocol: str
+    metric: str
+    value: float
+    selection: str
+    variant: str | None
+    seed: int
+    checkpoint: dict
+    config: dict
+    config_hash: str
+    cell_key: str
+    code: dict
+    env: dict
+    job_id: str | None
+    started: str
+    ended: str
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"schema": RECORD_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "Record":
+        """Validate a record read from disk (schema 1 or 2); :class:`CorruptRecord` if not."""
+        if not isinstance(obj, dict) or obj.get("schema") not in (RECORD_SCHEMA,
+                                                                   LEGACY_SCHEMAS["record"]):
+            raise CorruptRecord(f"{where}: not a record of schema {RECORD_SCHEMA!r}")
+        missing = [f.name for f in fields(cls) if f.name not in obj and f.name != "details"]
+        if missing:
+            raise CorruptRecord(f"{where}: lacks keys {missing}")
+        value = obj["value"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise CorruptRecord(f"{where}: value {value!r} is not a number")
+        for name in ("checkpoint", "config", "code", "env"):
+            if not isinstance(obj[name], dict):
+                raise CorruptRecord(f"{where}: {name!r} is not an object")
+        return cls(**{f.name: obj.get(f.name, {}) if f.name == "details" else obj[f.name]
+                      for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class CellFile:
+    """A finished cell as stored: its key, task and records."""
+
+    cell_key: str
+    task: str
+    records: tuple[Record, ...]
+    schema: str = CELL_SCHEMA
+
+    def to_json(self) -> dict:
+        return {"schema": self.schema, "cell_key": self.cell_key, "task": self.task,
+                "records": [r.to_json() for r in self.records]}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a cell failed, for the summary and the tables (``failed`` cells)."""
+
+    cell_key: str
+    task: str
+    table: str
+    columns: tuple[str, ...]
+    checkpoint: dict
+    protocol: str
+    dataset: str
+    error: str  # one line: what went wrong
+    log: str | None  # the job's log file, where there is one
+    job_id: str | None
+    time: str | None
+    traceback: str = ""
+
+    def to_json(self) -> dict:
+        return {"schema": FAILURE_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str) -> "Failure":
+        if not isinstance(obj.get("columns"), list) or not isinstance(obj.get("table"), str):
+            raise CorruptRecord(f"{where}: a failure file needs 'table' and a 'columns' list")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in obj.items() if k in known}
+        kw.setdefault("traceback", "")
+        try:
+            return cls(**{**kw, "columns": tuple(str(c) for c in obj["columns"])})
+        except TypeError as e:
+            raise CorruptRecord(f"{where}: {e}") from None
 
 
 def cell_path(results: Path, ckpt_id: str, cell_key: str) -> Path:
@@ -86,25 +201,15 @@ def failure_path(results: Path, ckpt_id: str, cell_key: str) -> Path:
     return Path(results) / ckpt_id / f"{cell_key}.failed.json"
 
 
-def write_cell(results: Path, ckpt_id: str, cell_key: str, task: str,
-               records: Iterable[dict]) -> Path:
+def write_cell(results: Path, ckpt_id: str, cell: CellFile) -> Path:
     """Write a finished cell atomically and clear any earlier failure file."""
-    records = list(records)
-    for r in records:
-        missing = [k for k in RECORD_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"record for {cell_key} lacks keys {missing}")
-    path = cell_path(results, ckpt_id, cell_key)
-    atomic_write_json(path, {"schema": CELL_SCHEMA, "cell_key": cell_key, "task": task,
-                             "records": records})
-    failure_path(results, ckpt_id, cell_key).unlink(missing_ok=True)
+    path = atomic_write_json(cell_path(results, ckpt_id, cell.cell_key), cell.to_json())
+    failure_path(results, ckpt_id, cell.cell_key).unlink(missing_ok=True)
     return path
 
 
-def write_failure(results: Path, ckpt_id: str, cell_key: str, info: dict) -> Path:
-    path = failure_path(results, ckpt_id, cell_key)
-    atomic_write_json(path, {"schema": FAILURE_SCHEMA, "cell_key": cell_key, **info})
-    return path
+def write_failure(results: Path, ckpt_id: str, failure: Failure) -> Path:
+    return atomic_write_json(failure_path(results, ckpt_id, failure.cell_key), failure.to_json())
 
 
 def is_done(results: Path, ckpt_id: str, cell_key: str) -> bool:
@@ -115,28 +220,22 @@ class CorruptRecord(Exception):
     """A results file that is not a valid cell or failure file."""
 
 
-def read_results_file(path: Path) -> dict:
+def read_results_file(path: Path) -> CellFile | Failure:
     """Parse and validate one cell or failure file; raise :class:`CorruptRecord` if invalid."""
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptRecord(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or obj.get("schema") not in (CELL_SCHEMA, FAILURE_SCHEMA):
-        raise CorruptRecord(f"{path}: not a dcbench cell/failure file (schema "
-                            f"{obj.get('schema') if isinstance(obj, dict) else None!r})")
-    if obj["schema"] == CELL_SCHEMA:
-        recs = obj.get("records")
-        if not isinstance(recs, list):
-            raise CorruptRecord(f"{path}: 'records' is not a list")
-        for i, r in enumerate(recs):
-            if not isinstance(r, dict) or r.get("schema") != RECORD_SCHEMA:
-                raise CorruptRecord(f"{path}: record {i} has no schema {RECORD_SCHEMA!r}")
-            missing = [k for k in RECORD_KEYS if k not in r]
-            if missing:
-                raise CorruptRecord(f"{path}: record {i} lacks keys {missing}")
-            if not isinstance(r["value"], (int, float)) or isinstance(r["value"], bool):
-                raise CorruptRecord(f"{path}: record {i} value {r['value']!r} is not a number")
-    return obj
+    schema = obj.get("schema") if isinstance(obj, dict) else None
+    if schema in (FAILURE_SCHEMA, LEGACY_SCHEMAS["failure"]):
+        return Failure.from_json(obj, str(path))
+    if schema not in (CELL_SCHEMA, LEGACY_SCHEMAS["cell"]):
+        raise CorruptRecord(f"{path}: not a dcbench cell/failure file (schema {schema!r})")
+    recs = obj.get("records")
+    if not isinstance(recs, list):
+        raise CorruptRecord(f"{path}: 'records' is not a list")
+    records = tuple(Record.from_json(r, f"{path}: record {i}") for i, r in enumerate(recs))
+    return CellFile(str(obj.get("cell_key")), str(obj.get("task")), records, schema)
 
 
 def iter_results_files(results: Path) -> list[Path]:

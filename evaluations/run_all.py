@@ -15,10 +15,10 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 log = logging.getLogger("evaluations.run_all")
 DEFAULT_CACHE = Path(os.environ.get("DCBENCH_CACHE", Path.home() / ".cache" / "dcbench"))
@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate a never-trained network of the same architecture "
                    "(default: the suite's setting)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per cell (runtime: never reruns a finished cell)")
+    p.add_argument("--device", default=None,
+                   help="auto | cpu | cuda[:N] (runtime: never reruns a finished cell)")
+    p.add_argument("--trust-pickle", action="store_true", default=None,
+                   help="load checkpoints that hold Python objects beyond tensors "
+                   "(torch.load weights_only=False: runs code from the file; only for files "
+                   "you trust)")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--timeout-min", type=int, default=None, help="override every job's time limit")
     p.add_argument("--array-parallelism", type=int, default=None,
@@ -68,8 +76,8 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
         if not sep or not role or not path:
             raise UserError(f"--data-root {item!r} must be ROLE=PATH, e.g. imagenet=/data/ILSVRC2012.")
         given[role] = path
+    from .datasets import READERS
     from .suites import needed_roles
-    from .tasks import READERS
 
     roots, names = {}, {}
     for role in needed_roles(suite):
@@ -96,7 +104,8 @@ def checkpoints(args, suite, results: Path) -> list:
         raise UserError(f"--label given {len(args.label)} times for {len(args.ckpt)} --ckpt; "
                         "give one label per checkpoint or none.")
     labels = args.label or [None] * len(args.ckpt)
-    infos = [describe_checkpoint(p, lab) for p, lab in zip(args.ckpt, labels)]
+    infos = [describe_checkpoint(p, lab, bool(args.trust_pickle))
+             for p, lab in zip(args.ckpt, labels)]
     want_random = suite.random_baseline if args.random_baseline is None else args.random_baseline
     if want_random:
         from pretrain.models import ModelSpec
@@ -126,15 +135,19 @@ def clean_temp_files(results: Path, older_than_s: float = 600) -> int:
 
 
 def print_matrix(groups: dict, todo: list, skipped: list, executor: str) -> None:
+    from .tasks import get_task
+
     print(f"executor: {executor}; {len(todo)} cell(s) to run, {len(skipped)} already done")
     for res, cells in groups.items():
         r = asdict(cells[0].resources)
         print(f"\narray of {len(cells)} task(s): gpus={r['gpus_per_node']} cpus={r['cpus_per_task']} "
               f"mem={r['mem_gb']}G time={r['timeout_min']}min partition={r['partition']} "
               f"parallelism={r['array_parallelism']}")
+        for task in sorted({c.task for c in cells}):
+            print(f"  {task}: {get_task(task).description}")
         for c in cells:
             print(f"  {c.key:44s} {c.task:11s} {c.dataset:9s} seed={c.seed} "
-                  f"ckpt={c.checkpoint['label']}")
+                  f"ckpt={c.checkpoint.label}")
     for c in skipped:
         print(f"  skip {c.key} (record exists)")
 
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     from slurm.launch import make_executor
 
-    from . import records
+    from . import legacy, records
     from .suites import build_cells, filter_tasks, load_suite
 
     t0 = time.perf_counter()
@@ -176,10 +189,13 @@ def _main(args) -> int:
     overrides = {k: v for k, v in {"partition": args.partition, "timeout_min": args.timeout_min,
                                    "array_parallelism": args.array_parallelism}.items()
                  if v is not None}
-    cells = build_cells(suite, infos, roots, names, overrides)
+    runtime = {k: v for k, v in {"workers": args.workers, "device": args.device,
+                                 "trust_pickle": args.trust_pickle}.items() if v is not None}
+    cells = build_cells(suite, infos, roots, names, overrides, runtime, results)
     if not args.dry_run:
         clean_temp_files(results)
-    done_keys = {c.key for c in cells if records.is_done(results, c.checkpoint["id"], c.key)}
+    done_keys = {c.key for c in cells if records.is_done(results, c.checkpoint.id, c.key)
+                 or (not args.dry_run and legacy.migrate(c))}
     skipped = [c for c in cells if c.key in done_keys]
     todo = [c for c in cells if c.key not in done_keys]
     groups: dict = defaultdict(list)
@@ -200,16 +216,15 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
     from slurm.launch import error_summary, submit_array, wait
 
     from . import records
-    from .worker import run_cell
+    from .worker import failure_of, run_cell
 
     done, failed = [], []
     jobs_all = []
     logs = results / "_logs"
     for _, cells in groups.items():
         ex = make_executor(executor_kind, logs, cells[0].resources, f"dc-{suite_name}")
-        payload = [{**c.to_dict(), "results": str(results)} for c in cells]
         try:
-            jobs = submit_array(ex, run_cell, payload)
+            jobs = submit_array(ex, run_cell, cells)
         except FailedJobError as e:
             r = cells[0].resources
             raise UserError(f"the scheduler refused the array of {len(cells)} cell(s) "
@@ -230,15 +245,11 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str,
         if error is None:
             done.append(cell)
         else:
-            fpath = records.failure_path(results, cell.checkpoint["id"], cell.key)
+            fpath = records.failure_path(results, cell.checkpoint.id, cell.key)
             if not fpath.exists():  # the job died before the worker could say why
-                records.write_failure(results, cell.checkpoint["id"], cell.key, {
-                    "task": cell.task, "table": cell.table, "columns": list(cell.columns),
-                    "checkpoint": cell.checkpoint,
-                    "protocol": cell.protocol, "dataset": cell.dataset,
-                    "error": error_summary(error)[:500], "log": log_paths,
-                    "job_id": str(job.job_id),
-                    "time": None})
+                records.write_failure(results, cell.checkpoint.id, replace(
+                    failure_of(cell, error_summary(error)[:500], log_paths),
+                    job_id=str(job.job_id)))
             failed.append((cell, error, log_paths))
         bar.update(1)
 

@@ -11,32 +11,39 @@ A suite file::
     n_val_per_class = 50
     [resources]                      # optional overrides of every task's SLURM resources
     timeout_min = 600
+    [runtime]                        # optional: how cells run (workers, device, val_cache_gb)
+    workers = 8
     [[cell]]
     task = "linear"
     datasets = ["imagenet", "places"]
     seeds = [0]
-    [cell.config]                    # optional overrides of the task's paper config
+    [cell.config]                    # optional overrides of the task's paper recipe
     epochs = 90
+    [cell.runtime]                   # optional runtime overrides for this cell
 
-A cell's key hashes (task, dataset, data root, protocol, resolved config, checkpoint sha256,
-seed): change any of them and the cell is new; rerun with the same and it is skipped.
+A cell's key hashes what can change its numbers -- (task, dataset role, data root, protocol,
+recipe, checkpoint sha256, seed) -- and never how it runs (workers, device, caches): change
+the former and the cell is new; change only the latter and a rerun skips it.
 """
 from __future__ import annotations
 
+import logging
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources as ir
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from slurm.launch import Resources
 
-from .backbone import CheckpointInfo
-from .records import stable_hash
+from .context import Runtime
+from .records import CheckpointInfo, stable_hash
 from .tasks import get_task, resolve_config
 
+log = logging.getLogger(__name__)
 BUILTIN = ("demo", "paper")
+RUNTIME_KEYS = frozenset(f.name for f in fields(Runtime))
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class CellSpec:
     datasets: tuple[str, ...]
     seeds: tuple[int, ...] = (0,)
     config: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,13 +64,18 @@ class Suite:
     datasets: dict = field(default_factory=dict)  # role -> root or "embedded"
     embedded: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
     random_baseline: bool = False
     source: str = ""
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: one task on one dataset with one seed for one checkpoint."""
+    """One unit of work: one task on one dataset with one seed for one checkpoint.
+
+    Travels to the worker as it is (pickled by submitit). Only ``key`` decides whether it is
+    done; ``runtime``, ``resources`` and ``results`` say how and where it runs.
+    """
 
     key: str
     task: str
@@ -72,15 +85,31 @@ class Cell:
     dataset_name: str
     protocol: str
     seed: int
-    config: dict
-    checkpoint: dict
+    config: Any  # the task's recipe dataclass
+    checkpoint: CheckpointInfo
     resources: Resources
+    runtime: Runtime
+    results: str
     columns: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["resources"] = asdict(self.resources)
-        return d
+    @property
+    def recipe(self) -> dict:
+        return asdict(self.config)
+
+
+def cell_key(task: str, role: str, root: str, protocol: str, recipe: dict, sha256: str,
+             seed: int) -> str:
+    """``<task>-<role>-s<seed>-<hash>`` of everything that can change the cell's numbers."""
+    ident = {"task": task, "dataset": role, "root": root, "protocol": protocol,
+             "config": recipe, "checkpoint": sha256, "seed": seed}
+    return f"{task}-{role}-s{seed}-{stable_hash(ident)}"
+
+
+def legacy_key(cell: Cell, runtime: dict) -> str:
+    """The key schema-1 run_all gave ``cell`` when its config also held ``runtime``
+    (``workers``, ``device``): how results written before the recipe/runtime split are found."""
+    return cell_key(cell.task, cell.dataset, cell.data_root, cell.protocol,
+                    {**cell.recipe, **runtime}, cell.checkpoint.sha256, cell.seed)
 
 
 def load_suite(name_or_path: str) -> Suite:
@@ -101,6 +130,13 @@ def load_suite(name_or_path: str) -> Suite:
     return parse_suite(data, source)
 
 
+def _runtime_of(table: Any, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table of settings.")
+    Runtime.from_mapping(table, where)  # validate names and values now
+    return dict(table)
+
+
 def parse_suite(data: dict, source: str) -> Suite:
     raw_cells = data.get("cell")
     if not isinstance(raw_cells, list) or not raw_cells:
@@ -115,9 +151,17 @@ def parse_suite(data: dict, source: str) -> Suite:
         if bad:
             raise UserError(f"suite {source}: task {task.name} does not take dataset(s) {bad}; "
                             f"it takes {', '.join(task.roles)}.")
-        resolve_config(task, c.get("config"))  # validate keys early
+        config = dict(c.get("config", {}))
+        runtime = _runtime_of(c.get("runtime", {}), f"suite {source}: [cell.runtime] #{i + 1}")
+        moved = sorted(RUNTIME_KEYS & set(config))
+        if moved:  # suites written before the split: runtime settings are not the recipe
+            log.warning("suite %s: %s in [cell.config] #%d are runtime settings; read as "
+                        "[cell.runtime] (move them there)", source, ", ".join(moved), i + 1)
+            runtime = {**{k: config.pop(k) for k in moved}, **runtime}
+            _runtime_of(runtime, f"suite {source}: [cell.runtime] #{i + 1}")
+        resolve_config(task, config)  # validate keys and values early
         cells.append(CellSpec(task.name, tuple(c["datasets"]), tuple(c.get("seeds", [0])),
-                              dict(c.get("config", {}))))
+                              config, runtime))
     known_res = set(Resources.__dataclass_fields__)
     res = dict(data.get("resources", {}))
     if set(res) - known_res:
@@ -125,8 +169,9 @@ def parse_suite(data: dict, source: str) -> Suite:
                         f" known: {', '.join(sorted(known_res))}.")
     return Suite(name=str(data.get("name", Path(source).stem)), cells=tuple(cells),
                  datasets=dict(data.get("datasets", {})), embedded=dict(data.get("embedded", {})),
-                 resources=res, random_baseline=bool(data.get("random_baseline", False)),
-                 source=source)
+                 resources=res, runtime=_runtime_of(data.get("runtime", {}),
+                                                    f"suite {source}: [runtime]"),
+                 random_baseline=bool(data.get("random_baseline", False)), source=source)
 
 
 def filter_tasks(suite: Suite, tasks: list[str] | None) -> Suite:
@@ -142,27 +187,27 @@ def filter_tasks(suite: Suite, tasks: list[str] | None) -> Suite:
 
 
 def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str, Path],
-                names: dict[str, str], resource_overrides: dict[str, Any]) -> list[Cell]:
+                names: dict[str, str], resource_overrides: dict[str, Any],
+                runtime_overrides: dict[str, Any], results: Path) -> list[Cell]:
     """Every (checkpoint x cell spec x dataset x seed) of the suite, keyed."""
     cells = []
     for ck in checkpoints:
         for spec in suite.cells:
             task = get_task(spec.task)
-            cfg_obj = resolve_config(task, spec.config)
-            cfg = asdict(cfg_obj)
+            cfg = resolve_config(task, spec.config)
             res = replace(task.resources, **{**suite.resources, **resource_overrides})
+            runtime = Runtime(**{**suite.runtime, **spec.runtime, **runtime_overrides})
             for role in spec.datasets:
                 root = str(Path(roots[role]).resolve())
                 for seed in spec.seeds:
-                    ident = {"task": task.name, "dataset": role, "root": root,
-                             "protocol": task.protocol, "config": cfg,
-                             "checkpoint": ck.sha256, "seed": seed}
-                    key = f"{task.name}-{role}-s{seed}-{stable_hash(ident)}"
+                    key = cell_key(task.name, role, root, task.protocol, asdict(cfg),
+                                   ck.sha256, seed)
                     cells.append(Cell(key=key, task=task.name, table=task.table, dataset=role,
                                       data_root=root, dataset_name=names[role],
                                       protocol=task.protocol, seed=seed, config=cfg,
-                                      checkpoint=ck.to_dict(), resources=res,
-                                      columns=tuple(task.columns(cfg_obj, role))))
+                                      checkpoint=ck, resources=res, runtime=runtime,
+                                      results=str(results),
+                                      columns=tuple(task.columns(cfg, role))))
     return cells
 
 

@@ -1,8 +1,8 @@
 """The task registry: what each evaluation is, which table it feeds, what it needs.
 
-A task is a config dataclass whose defaults ARE the paper protocol plus a pure ``run``
-function returning measurement dicts; cluster code never enters it. Adding VOC
-classification/detection/segmentation or retrieval = one module + one entry here.
+A task is a frozen config dataclass -- its *recipe*, whose defaults ARE the paper protocol --
+and a pure ``run(config, ctx: TaskContext) -> list[Measurement]``; cluster code never enters
+it. Adding VOC classification/detection/segmentation or retrieval = one module + one entry.
 """
 from __future__ import annotations
 
@@ -10,20 +10,18 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Callable
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from slurm.launch import Resources
 
 from . import fc_retrain, linear
-from .datasets.imagenet import imagenet_split
-from .datasets.places205 import places205_split
 
 
 @dataclass(frozen=True)
 class TaskDef:
     name: str
     table: str  # paper table id (records.py)
-    config_cls: type
-    run: Callable[..., list[dict]]
+    config_cls: type  # the recipe dataclass
+    run: Callable[..., list]  # run(config, ctx) -> list[Measurement]
     roles: tuple[str, ...]  # dataset roles the task accepts
     protocol: str  # dc2018 = the paper's; dc2018-reimpl = settings never published
     resources: Resources  # at paper scale (one array task)
@@ -45,12 +43,6 @@ TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
         lambda cfg, role: [f"{role}/acc1"]),
 })
 
-# role -> reader(root, split) -> Split
-READERS: MappingProxyType[str, Callable] = MappingProxyType({
-    "imagenet": imagenet_split,
-    "places": places205_split,
-})
-
 
 def get_task(name: str) -> TaskDef:
     if name not in TASKS:
@@ -59,9 +51,9 @@ def get_task(name: str) -> TaskDef:
 
 
 def resolve_config(task: TaskDef, overrides: dict[str, Any] | None) -> Any:
-    """The task's paper config with ``overrides`` applied; unknown keys are an error."""
+    """The task's paper recipe with ``overrides`` applied; unknown keys are an error."""
     overrides = dict(overrides or {})
-    known = {f.name: f for f in fields(task.config_cls)}
+    known = {f.name for f in fields(task.config_cls)}
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise UserError(f"task {task.name}: unknown config key(s) {unknown}; known: "
@@ -69,4 +61,7 @@ def resolve_config(task: TaskDef, overrides: dict[str, Any] | None) -> Any:
     for k, v in overrides.items():
         if isinstance(v, list):
             overrides[k] = tuple(v)
-    return task.config_cls(**overrides)
+    try:
+        return task.config_cls(**overrides)
+    except TypeError as e:
+        raise UserError(f"task {task.name}: bad config ({e}).") from None

@@ -1,8 +1,8 @@
 """Run one cell (in a SLURM array task, a local subprocess, or in-process) and write its records.
 
 The cell's record file appears atomically at the very end; a crash leaves no record, only a
-``.failed.json`` with the error (written here when the cell raises, or by run_all when the
-job dies without a word).
+``.failed.json`` with the error and the job's log (written here when the cell raises, or by
+run_all when the job dies without a word).
 """
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pretrain.errors import UserError
+from dcbench.core import UserError, resolve_device
 
 from . import records
-from .records import RECORD_SCHEMA, stable_hash
+from .context import TaskContext
+from .records import CellFile, Failure, Measurement, Record, stable_hash
+from .suites import Cell
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -49,7 +51,7 @@ def code_version() -> dict:
     return {"version": ver, "git_sha": sha, "dirty": dirty}
 
 
-def environment(device) -> dict:
+def environment(device, runtime: dict) -> dict:
     import numpy
     import torch
     import torchvision
@@ -65,7 +67,8 @@ def environment(device) -> dict:
         dev = f"cuda:{torch.cuda.get_device_name(device)}"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "faiss": faiss_ver, "numpy": numpy.__version__,
-            "platform": platform.platform(), "device": dev, "host": platform.node()}
+            "platform": platform.platform(), "device": dev, "host": platform.node(),
+            "runtime": runtime}
 
 
 def job_id() -> str | None:
@@ -75,70 +78,69 @@ def job_id() -> str | None:
     return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
 
 
-def make_records(cell: dict, measurements: list[dict], started: str, t0: float,
-                 device, dataset_sizes: dict) -> list[dict]:
-    ended, seconds = _now(), round(time.perf_counter() - t0, 3)
-    code, env = code_version(), environment(device)
-    out = []
-    for m in measurements:
-        out.append({
-            "schema": RECORD_SCHEMA, "table": cell["table"], "column": m["column"],
-            "task": cell["task"], "dataset": cell["dataset"], "dataset_name": cell["dataset_name"],
-            "protocol": cell["protocol"], "metric": m["metric"], "value": m["value"],
-            "selection": m["selection"], "variant": m.get("variant"), "seed": cell["seed"],
-            "checkpoint": cell["checkpoint"], "config": cell["config"],
-            "config_hash": stable_hash(cell["config"]), "cell_key": cell["key"], "code": code,
-            "env": env, "job_id": job_id(), "started": started, "ended": ended,
-            "seconds": seconds, "details": {**m.get("extra", {}), "data": dataset_sizes},
-        })
-    return out
+def job_log() -> str | None:
+    """This job's stderr log (SLURM or local executor), or None in-process."""
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().paths.stderr)
+    except RuntimeError:  # not inside a submitit job
+        return None
 
 
-def _execute(cell: dict) -> list[dict]:
+def make_records(cell: Cell, measurements: list[Measurement], started: str, t0: float,
+                 device) -> list[Record]:
+    ended, seconds = now(), round(time.perf_counter() - t0, 3)
+    code, env = code_version(), environment(device, cell.runtime.to_dict())
+    recipe = cell.recipe
+    return [Record(table=cell.table, column=m.column, task=cell.task, dataset=cell.dataset,
+                   dataset_name=cell.dataset_name, protocol=cell.protocol, metric=m.metric,
+                   value=m.value, selection=m.selection, variant=m.variant, seed=cell.seed,
+                   checkpoint=cell.checkpoint.to_dict(), config=recipe,
+                   config_hash=stable_hash(recipe), cell_key=cell.key, code=code, env=env,
+                   job_id=job_id(), started=started, ended=ended, seconds=seconds,
+                   details=m.details)
+            for m in measurements]
+
+
+def state_dir(cell: Cell) -> Path:
+    """Where a cell's task keeps its own training state between a kill and a rerun."""
+    return Path(cell.results) / cell.checkpoint.id / ".state" / cell.key
+
+
+def _execute(cell: Cell) -> list[Record]:
     import torch
 
-    from pretrain.train import resolve_device
+    from .tasks import get_task
 
-    from .backbone import file_sha256, frozen_backbone
-    from .heads import probe_test_transform, probe_train_transform
-    from .tasks import READERS, get_task, resolve_config
-
-    started, t0 = _now(), time.perf_counter()
-    task = get_task(cell["task"])
-    cfg = resolve_config(task, cell["config"])
-    ck = cell["checkpoint"]
-    if file_sha256(ck["path"]) != ck["sha256"]:
-        raise UserError(f"checkpoint {ck['path']} changed since the job was submitted (sha256 "
-                        "differs); rerun run_all so the cell is keyed by the new file.")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cell["seed"])
-    backbone = frozen_backbone(ck["path"], device)
-    reader = READERS[cell["dataset"]]
-    train, val = reader(cell["data_root"], "train"), reader(cell["data_root"], "val")
-    train_ds = train.dataset(probe_train_transform(cfg.resize_size, cfg.input_size))
-    val_ds = val.dataset(probe_test_transform(cfg.resize_size, cfg.input_size))
-    ms = task.run(cfg, backbone, train_ds, val_ds, train.num_classes, cell["dataset"],
-                  cell["seed"], device)
-    sizes = {"train": len(train), "val": len(val), "classes": train.num_classes,
-             "train_layout": train.layout, "val_layout": val.layout}
-    return make_records(cell, ms, started, t0, device, sizes)
+    started, t0 = now(), time.perf_counter()
+    task = get_task(cell.task)
+    device = resolve_device(cell.runtime.device)
+    torch.manual_seed(cell.seed)
+    ctx = TaskContext(checkpoint=cell.checkpoint, dataset=cell.dataset,
+                      data_root=Path(cell.data_root), seed=cell.seed, runtime=cell.runtime,
+                      device=device, state_dir=state_dir(cell))
+    return make_records(cell, task.run(cell.config, ctx), started, t0, device)
 
 
-def run_cell(cell: dict) -> dict:
-    """Evaluate ``cell`` (a :meth:`Cell.to_dict`), write its record file; return a summary."""
-    results, ck_id, key = Path(cell["results"]), cell["checkpoint"]["id"], cell["key"]
+def failure_of(cell: Cell, error: str, log_path: str | None, trace: str = "") -> Failure:
+    return Failure(cell_key=cell.key, task=cell.task, table=cell.table, columns=cell.columns,
+                   checkpoint=cell.checkpoint.to_dict(), protocol=cell.protocol,
+                   dataset=cell.dataset, error=error, log=log_path, job_id=job_id(),
+                   time=now(), traceback=trace)
+
+
+def run_cell(cell: Cell) -> dict:
+    """Evaluate ``cell``, write its record file; return a summary."""
+    results, ck_id = Path(cell.results), cell.checkpoint.id
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("cell %s on %s", key, cell["checkpoint"]["path"])
+    log.info("cell %s on %s", cell.key, cell.checkpoint.path)
     try:
         recs = _execute(cell)
     except BaseException as e:
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        records.write_failure(results, ck_id, key, {
-            "task": cell["task"], "table": cell["table"], "columns": list(cell["columns"]),
-            "checkpoint": cell["checkpoint"], "protocol": cell["protocol"],
-            "dataset": cell["dataset"], "error": msg,
-            "traceback": traceback.format_exc(), "log": cell.get("log"), "job_id": job_id(),
-            "time": _now()})
+        records.write_failure(results, ck_id, failure_of(cell, msg, job_log(),
+                                                         traceback.format_exc()))
         raise
-    path = records.write_cell(results, ck_id, key, cell["task"], recs)
-    return {"key": key, "path": str(path), "n_records": len(recs)}
+    path = records.write_cell(results, ck_id, CellFile(cell.key, cell.task, tuple(recs)))
+    return {"key": cell.key, "path": str(path), "n_records": len(recs)}

@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 
 from .config import PRESETS, PretrainConfig, preset_config
-from .errors import UserError
+from dcbench.core import UserError
 
 HELP = {
     "data": "ImageNet-layout folder: <DIR>/train/<wnid>/*.JPEG, <DIR>/<wnid>/*, or a flat "

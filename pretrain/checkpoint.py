@@ -3,42 +3,43 @@
 Formats read:
 * ours: ``{'format': 'dcbench/1', 'epoch', 'arch', 'state_dict', 'optimizer', 'spec', ...}``
   with the released key layout;
-* the authors' released files: ``{'epoch', 'arch', 'state_dict'}`` with keys
-  ``features.module.N.*``, ``classifier.*``, ``top_layer.*`` (k x 4096), ``sobel.*`` and no
-  optimizer — Sobel is detected from ``sobel.0.weight``, k from the rows of ``top_layer.bias``;
+* the authors' released files as published: ``{'epoch', 'arch', 'state_dict'}`` with keys
+  ``features.module.N.*``, ``classifier.*``, ``top_layer.*`` (k x 4096), ``sobel.*``, no
+  optimizer, written by PyTorch 0.3 under Python 2: the legacy (non-zip) serialization, byte
+  strings in the pickle (read as latin-1) and no BatchNorm ``num_batches_tracked`` buffers
+  (they appeared in PyTorch 0.4.1; a missing one is filled with 0, as PyTorch itself does).
+  Sobel is detected from ``sobel.0.weight``, k from the rows of ``top_layer.bias``;
 * a bare state dict (ours or a ``module.``-prefixed DataParallel one), and torchvision's
   ResNet-50 layout (``conv1.weight``, ``layer1.0...``, ``fc.*``).
 
-Written: ours, atomically (temp file + ``os.replace``), in the released key layout.
+Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only. A file
+that needs arbitrary Python objects is refused with one message; ``trust_pickle=True`` (the
+CLIs' ``--trust-pickle``) reads it with ``weights_only=False``, which runs code stored in the
+file: only for files whose origin you trust.
+
+Written: ours, atomically (:func:`dcbench.core.atomic_open`), in the released key layout.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UserError
+from dcbench.core import UserError, atomic_open
+
 from .models import ModelSpec, TapNet, build_model
 
 FORMAT = "dcbench/1"
+OPTIONAL_BUFFER = ".num_batches_tracked"  # absent from files of PyTorch < 0.4.1
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through the one atomic writer."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def to_released_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,7 +81,8 @@ def infer_spec(sd: dict[str, torch.Tensor], arch: str | None = None) -> ModelSpe
             arch = {5: "alexnet", 13: "vgg16"}.get(n_convs)
             if arch is None:
                 raise UserError(f"checkpoint has {n_convs} conv layers in 'features': neither "
-                                "AlexNet (5) nor VGG16 (13). Pass --arch or convert it first.")
+                                "AlexNet (5) nor VGG16 (13), so not a backbone this suite can "
+                                "evaluate.")
         else:
             raise UserError("checkpoint keys match no supported architecture (expected "
                             "'features.*' for AlexNet/VGG16 or 'layer1..4.*' for ResNet-50); "
@@ -103,25 +105,58 @@ class LoadedCheckpoint:
     kind: str  # ours | released | state_dict
     epoch: int | None
     raw: dict = field(repr=False)
+    keys_used: int = 0  # state-dict entries of the file loaded into the model (all of them)
+    filled: tuple[str, ...] = ()  # buffers the file predates, set to their default
 
 
-def read_checkpoint_file(path: str | Path) -> dict:
-    """``torch.load`` with one clear error for a missing, truncated or foreign file."""
+TRUST_HINT = ("Pass --trust-pickle to load it anyway: that runs code stored in the file, so do "
+              "it only for a file whose origin you trust (e.g. the authors' release, its "
+              "sha256 checked), or re-save its tensors with a trusted PyTorch first.")
+
+
+def _load(path: Path, weights_only: bool) -> Any:
+    # Python 2 byte strings (the released files) come back as str: the safe loader decodes
+    # them itself; the full unpickler is told latin-1, a no-op for Python 3 files
+    if weights_only:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=False, encoding="latin1")
+
+
+def read_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict:
+    """``torch.load`` a checkpoint with tensors and containers only (``weights_only``), with
+    one clear error for a missing, truncated, foreign or object-holding file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}. Pass the path of a .pth file "
                         "(ours from `python -m pretrain`, or the authors' released one).")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported" not in str(e):  # cut short or garbled, not a forbidden object
+            raise _unreadable(path, e) from None
+        if not trust_pickle:
+            what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+            raise UserError(f"checkpoint {path} holds Python objects beyond tensors and plain "
+                            f"containers ({what[:160]}), so the safe loader refuses it. "
+                            f"{TRUST_HINT}") from None
+        try:
+            obj = _load(path, weights_only=False)
+        except Exception as e2:  # noqa: BLE001 -- an arbitrary pickle raises anything
+            raise _unreadable(path, e2) from None
     except Exception as e:  # noqa: BLE001 -- arbitrary bytes make torch.load raise anything
-        # (RuntimeError, EOFError, UnpicklingError, BadZipFile, IndexError on a text file, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
-                        f"PyTorch checkpoint ({first[:200]}). Re-download or re-create it.") from None
+        # (RuntimeError, EOFError, BadZipFile, IndexError on a text file, ...)
+        raise _unreadable(path, e) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict with a "
                         "'state_dict'.")
     return obj
+
+
+def _unreadable(path: Path, e: BaseException) -> UserError:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
+                     f"PyTorch checkpoint ({first[:200]}). Re-download or re-create it.")
 
 
 def _state_dict_of(obj: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -132,13 +167,16 @@ def _state_dict_of(obj: dict, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def check_coverage(model: TapNet, sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Fail clearly on missing/unexpected backbone keys or shape mismatches (top_layer excluded)."""
-    want = {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer.")}
-    have = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    bad_shape = sorted(k for k in set(want) & set(have) if want[k].shape != have[k].shape)
+def check_coverage(model: TapNet, sd: dict[str, torch.Tensor], path: Path) -> tuple[str, ...]:
+    """Fail clearly on missing/unexpected keys or shape mismatches; return the optional
+    buffers (``num_batches_tracked``) the file lacks. ``top_layer`` (the k-way head) may be
+    absent; when present it must match like any other key."""
+    want = model.state_dict()
+    missing = sorted(k for k in set(want) - set(sd) if not k.startswith("top_layer."))
+    optional = tuple(k for k in missing if k.endswith(OPTIONAL_BUFFER))
+    missing = [k for k in missing if not k.endswith(OPTIONAL_BUFFER)]
+    unexpected = sorted(set(sd) - set(want))
+    bad_shape = sorted(k for k in set(want) & set(sd) if want[k].shape != sd[k].shape)
     if missing or unexpected or bad_shape:
         parts = []
         if missing:
@@ -148,16 +186,20 @@ def check_coverage(model: TapNet, sd: dict[str, torch.Tensor], path: Path) -> No
         if bad_shape:
             k = bad_shape[0]
             parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: checkpoint "
-                         f"{tuple(have[k].shape)} vs {model.spec.arch} {tuple(want[k].shape)})")
+                         f"{tuple(sd[k].shape)} vs {model.spec.arch} {tuple(want[k].shape)})")
         raise UserError(f"checkpoint {path} does not match {model.spec.arch} "
-                        f"(sobel={model.spec.sobel}): " + "; ".join(parts) +
-                        ". Check --arch, or that the file is a backbone of this architecture.")
+                        f"(sobel={model.spec.sobel}, fc_dim={model.spec.fc_dim}): "
+                        + "; ".join(parts) + ". Is the file a DeepCluster backbone of this "
+                        "architecture (AlexNet or VGG16 with the released key names, or a "
+                        "torchvision ResNet-50)?")
+    return optional
 
 
-def load_checkpoint(path: str | Path, arch: str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, arch: str | None = None,
+                    trust_pickle: bool = False) -> LoadedCheckpoint:
     """Rebuild the network stored in ``path`` (ours, released, or a state dict)."""
     path = Path(path).expanduser()
-    obj = read_checkpoint_file(path)
+    obj = read_checkpoint_file(path, trust_pickle)
     sd = normalise_keys(_state_dict_of(obj, path))
     declared = obj.get("arch")
     if isinstance(declared, str):
@@ -165,19 +207,20 @@ def load_checkpoint(path: str | Path, arch: str | None = None) -> LoadedCheckpoi
         if declared not in ("alexnet", "vgg16", "resnet50"):
             declared = None
     if arch is not None and declared is not None and arch != declared:
-        raise UserError(f"architecture mismatch: {path} holds a {declared} but --arch {arch} "
-                        "was given. Drop --arch or pass the right checkpoint.")
+        raise UserError(f"architecture mismatch: {path} holds a {declared} but {arch} was "
+                        "asked for. Pass the right checkpoint.")
     try:
         spec = infer_spec(sd, arch or declared)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     model = build_model(spec)
-    check_coverage(model, sd, path)
-    model.load_state_dict(sd)
+    filled = check_coverage(model, sd, path)
+    model.load_state_dict({**sd, **{k: torch.tensor(0) for k in filled}}, strict=True)
     kind = "ours" if obj.get("format") == FORMAT else (
         "released" if "state_dict" in obj else "state_dict")
     epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
-    return LoadedCheckpoint(model=model, spec=spec, path=path, kind=kind, epoch=epoch, raw=obj)
+    return LoadedCheckpoint(model=model, spec=spec, path=path, kind=kind, epoch=epoch, raw=obj,
+                            keys_used=len(sd), filled=filled)
 
 
 def released_payload(model: TapNet, epoch: int) -> dict:

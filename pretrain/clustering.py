@@ -11,8 +11,7 @@
   ``niter`` iterations, faiss's empty-cluster splitting (reproduced bit for bit, including
   its Mersenne-Twister donor draws, by :func:`split_empty_clusters`) and one final hard
   assignment against the final centroids.
-* :func:`nmi` -- normalised mutual information with the GEOMETRIC average.
-* :func:`cluster_size_histogram` -- cluster sizes and the number of empty clusters.
+* :func:`nmi` -- normalised mutual information with the GEOMETRIC average (scikit-learn).
 
 Loss conventions (see :class:`KMeansResult`): ``iteration_losses[i]`` is faiss's
 ``iteration_stats[i].obj``, the sum of squared distances of the points to the centroids
@@ -24,7 +23,6 @@ reports).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -32,7 +30,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +64,14 @@ def _as_tensor(x: np.ndarray | torch.Tensor, name: str = "features") -> torch.Te
     """A 2-D tensor view of ``x`` (no copy for numpy arrays)."""
     if isinstance(x, np.ndarray):
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise UserError(f"{name} must be a numeric array, got dtype {x.dtype}")
+            raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(x))  # a copy only for odd strides
     elif isinstance(x, torch.Tensor):
         t = x.detach()
     else:
-        raise UserError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if t.ndim != 2:
-        raise UserError(f"{name} must be 2-D (N x d), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be 2-D (N x d), got shape {tuple(t.shape)}")
     return t
 
 
@@ -136,9 +134,9 @@ def fit_pca_whitening(
     t = _as_tensor(x)
     n, d = t.shape
     if not isinstance(dim, int) or dim < 1:
-        raise UserError(f"PCA dimension must be a positive integer, got {dim!r}")
+        raise ValueError(f"PCA dimension must be a positive integer, got {dim!r}")
     if dim > d:
-        raise UserError(f"PCA dimension {dim} is larger than the feature dimension {d}; lower it")
+        raise ValueError(f"PCA dimension {dim} is larger than the feature dimension {d}; lower it")
     if n < 2:
         raise UserError(f"PCA needs at least 2 feature rows, got {n}")
     if dim > n - 1:
@@ -233,7 +231,7 @@ def available_backends() -> tuple[str, ...]:
 def draw_init_indices(n: int, k: int, seed: int) -> np.ndarray:
     """k distinct row indices in [0, n), from ``numpy.random.default_rng(seed)``."""
     if k > n:
-        raise UserError(f"k={k} is larger than the number of images N={n}; lower --k")
+        raise ValueError(f"k={k} is larger than the number of images N={n}; lower --k")
     return np.random.default_rng(seed).choice(n, size=k, replace=False).astype(np.int64)
 
 
@@ -460,7 +458,7 @@ def kmeans(
     depend on it.
     """
     if backend not in BACKENDS:
-        raise UserError(f"unknown k-means backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend not in available_backends():
         raise UserError(
             f"k-means backend {backend!r} is not available (faiss is not installed): "
@@ -469,19 +467,19 @@ def kmeans(
     t = _as_tensor(x)
     n, d = t.shape
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise UserError(f"k must be a positive integer, got {k!r}")
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
     if k > n:
-        raise UserError(f"k={k} is larger than the number of images N={n}; lower --k")
+        raise ValueError(f"k={k} is larger than the number of images N={n}; lower --k")
     if niter < 0:
-        raise UserError(f"niter must be >= 0, got {niter}")
+        raise ValueError(f"niter must be >= 0, got {niter}")
     _check_finite(t, chunk_elems or DEFAULT_CHUNK_ELEMS)
     if init_indices is None:
         init_idx = draw_init_indices(n, k, seed)
     else:
         init_idx = np.asarray(init_indices, dtype=np.int64).reshape(-1)
         if init_idx.size != k or init_idx.min() < 0 or init_idx.max() >= n:
-            raise UserError(f"init_indices must be {k} row indices in [0, {n})")
+            raise ValueError(f"init_indices must be {k} row indices in [0, {n})")
     if n == k:  # faiss's corner case: the centroids are the points themselves, in order
         init_idx = np.arange(n, dtype=np.int64)
 
@@ -523,60 +521,10 @@ def kmeans(
 # --------------------------------------------------------------------------- metrics
 
 
-@dataclass(frozen=True)
-class ClusterSizes:
-    """Points per cluster (``sizes[c]``) and the number of empty clusters."""
-
-    sizes: np.ndarray  # int64 [k]
-    n_empty: int
-
-    @property
-    def largest(self) -> int:
-        return int(self.sizes.max()) if self.sizes.size else 0
-
-    @property
-    def smallest_non_empty(self) -> int:
-        nz = self.sizes[self.sizes > 0]
-        return int(nz.min()) if nz.size else 0
-
-
-def cluster_size_histogram(assign: np.ndarray, k: int) -> ClusterSizes:
-    """Sizes of the ``k`` clusters in ``assign`` (ids in [0, k)) and how many are empty."""
-    a = np.asarray(assign).reshape(-1)
-    if a.size and (a.min() < 0 or a.max() >= k):
-        raise ValueError(f"cluster ids must lie in [0, {k}), got [{a.min()}, {a.max()}]")
-    sizes = np.bincount(a.astype(np.int64), minlength=k).astype(np.int64)
-    return ClusterSizes(sizes=sizes, n_empty=int((sizes == 0).sum()))
-
-
-def _entropy(counts: np.ndarray, n: int) -> float:
-    p = counts[counts > 0] / n
-    return float(-(p * np.log(p)).sum())
-
-
 def nmi(a: np.ndarray | Sequence[int], b: np.ndarray | Sequence[int]) -> float:
-    """Normalised mutual information, GEOMETRIC average: I(a;b) / sqrt(H(a) H(b)).
+    """Normalised mutual information with the GEOMETRIC average, I(a;b) / sqrt(H(a) H(b)),
+    as the paper (scikit-learn's default became the arithmetic average in 0.22)."""
+    from sklearn.metrics import normalized_mutual_info_score
 
-    Sparse contingency table (fine for 10^4 x 10^4 labels); the same limit cases as
-    scikit-learn: two single-cluster (or empty) labelings -> 1.0, I = 0 -> 0.0.
-    """
-    a = np.asarray(a).reshape(-1)
-    b = np.asarray(b).reshape(-1)
-    if a.size != b.size:
-        raise ValueError(f"labelings differ in length: {a.size} vs {b.size}")
-    n = a.size
-    ua, ia = np.unique(a, return_inverse=True)
-    ub, ib = np.unique(b, return_inverse=True)
-    if ua.size == ub.size and ua.size <= 1:
-        return 1.0
-    ca = np.bincount(ia)
-    cb = np.bincount(ib)
-    pair, nij = np.unique(ia.astype(np.int64) * ub.size + ib, return_counts=True)
-    ri, rj = np.divmod(pair, ub.size)
-    nij = nij.astype(np.float64)
-    terms = nij / n * (np.log(nij) + math.log(n) - np.log(ca[ri] * cb[rj].astype(np.float64)))
-    terms[np.abs(terms) < np.finfo(np.float64).eps] = 0.0
-    mi = max(float(terms.sum()), 0.0)
-    if mi == 0.0:
-        return 0.0
-    return mi / math.sqrt(_entropy(ca, n) * _entropy(cb, n))
+    return float(normalized_mutual_info_score(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1),
+                                              average_method="geometric"))

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from types import MappingProxyType
 
-from .errors import UserError
+from dcbench.core import UserError
 
 
 # smallest crop each network accepts: AlexNet's three 3x3/2 max-pools after the 11x11/4 conv1

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
+from dcbench.core import UserError
 
 ARCHS = ("alexnet", "vgg16", "resnet50")
 CONV_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -99,8 +99,8 @@ class TapNet(nn.Module):
         wanted = set(taps)
         unknown = wanted - set(self.tap_names)
         if unknown:
-            raise UserError(f"unknown tap(s) {sorted(unknown)} for {self.spec.arch}; "
-                            f"available: {', '.join(self.tap_names)}.")
+            raise ValueError(f"unknown tap(s) {sorted(unknown)} for {self.spec.arch}; "
+                             f"available: {', '.join(self.tap_names)}.")
         out: dict[str, torch.Tensor] = {}
         for module, names in self.stages():
             x = module(x)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,14 @@ def cluster_lists(assign: np.ndarray, k: int | None = None) -> list[np.ndarray]:
     """Members of each cluster 0..K-1 (increasing index); K = k or max(assign) + 1."""
     a = np.asarray(assign)
     if a.ndim != 1 or a.size == 0:
-        raise UserError(f"cluster assignments must be a non-empty 1-D array, got shape {a.shape}")
+        raise ValueError(f"cluster assignments must be a non-empty 1-D array, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.integer):
-        raise UserError(f"cluster assignments must be integers, got dtype {a.dtype}")
+        raise ValueError(f"cluster assignments must be integers, got dtype {a.dtype}")
     if a.min() < 0:
-        raise UserError(f"cluster ids must be >= 0, got {a.min()}")
+        raise ValueError(f"cluster ids must be >= 0, got {a.min()}")
     n_clusters = int(a.max()) + 1 if k is None else int(k)
     if a.max() >= n_clusters:
-        raise UserError(f"cluster id {a.max()} is out of range for k={n_clusters}")
+        raise ValueError(f"cluster id {a.max()} is out of range for k={n_clusters}")
     order = np.argsort(a, kind="stable")
     bounds = np.cumsum(np.bincount(a, minlength=n_clusters))[:-1]
     return [m.astype(np.int64) for m in np.split(order, bounds)]
@@ -54,10 +53,10 @@ def uses_replacement(cluster_size: int, per_cluster: int) -> bool:
 def sample_count(n_images: int, reassign: float) -> int:
     """N = int(n_images * reassign): samples per epoch."""
     if reassign <= 0:
-        raise UserError(f"reassign must be > 0, got {reassign}")
+        raise ValueError(f"reassign must be > 0, got {reassign}")
     n = int(n_images * reassign)
     if n < 1:
-        raise UserError(f"reassign={reassign} times {n_images} images gives no sample")
+        raise ValueError(f"reassign={reassign} times {n_images} images gives no sample")
     return n
 
 
@@ -67,7 +66,7 @@ def per_cluster_draws(
     """N // m + 1 members drawn from each non-empty cluster (empty clusters: no entry)."""
     non_empty = [m for m in lists if m.size > 0]
     if not non_empty:
-        raise UserError("every cluster is empty: nothing to sample")
+        raise ValueError("every cluster is empty: nothing to sample")
     per = n_total // len(non_empty) + 1
     return [rng.choice(m, size=per, replace=uses_replacement(m.size, per)) for m in non_empty]
 
@@ -124,4 +123,4 @@ def make_sampler(
         return UniformClusterSampler(assign, reassign, seed, k)
     if kind == "released":
         return ReleasedClusterSampler(assign, reassign, seed, k)
-    raise UserError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLER_KINDS)}")
+    raise ValueError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLER_KINDS)}")

@@ -21,46 +21,22 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 from tqdm import tqdm
+
+from dcbench.core import (EnumeratedSampler, SeededDraws, UserError, atomic_write,
+                          atomic_write_json, check_finite_loss, derive_seed, eval_transform,
+                          resolve_device, train_transform)
 
 from . import clustering
 from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
 from .config import PretrainConfig
 from .data import (ArrayImageDataset, ImageListDataset, fashion_mnist, loader_batches,
                    scan_image_folder)
-from .errors import UserError
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_BATCH = 256  # eval-mode extraction: per-image results, so only speed depends on it
-
-
-def train_transform(size: int) -> T.Compose:
-    """RandomResizedCrop (default scale/ratio) + horizontal flip + ImageNet normalisation."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def eval_transform(resize: int, size: int) -> T.Compose:
-    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu.")
-    return torch.device(name)
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """Independent 63-bit seed per (run seed, epoch, stream)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def load_pretrain_data(cfg: PretrainConfig):
@@ -127,11 +103,6 @@ class Assignments:
         with open(self.path, "ab") as f:
             f.write(np.ascontiguousarray(assign, dtype=np.int32).tobytes())
 
-    @staticmethod
-    def read(path: Path, n: int) -> np.ndarray:
-        """All rows as an (epochs, n) int32 array."""
-        return np.fromfile(path, dtype=np.int32).reshape(-1, n)
-
 
 def _truncate_log(path: Path, epochs: int) -> None:
     """Keep only the log lines of epochs < ``epochs`` (a crash may have left one more)."""
@@ -145,9 +116,7 @@ def _truncate_log(path: Path, epochs: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < epochs:
             kept.append(ln)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(ln + "\n" for ln in kept))
 
 
 def _resume(cfg: PretrainConfig, out: Path, model: TapNet, opt: torch.optim.Optimizer
@@ -190,13 +159,11 @@ def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
     for it, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = crit(model(x), y)
-        if not torch.isfinite(loss):
-            lr = opt.param_groups[0]["lr"]
-            fix = (f"rerun with a lower --lr (now {lr}): no epoch had finished" if epoch == 0
-                   else f"lower --lr (now {lr}) and continue from the intact checkpoint of "
-                   f"epoch {epoch} with --resume")
-            raise UserError(f"training loss became {loss.item()} at epoch {epoch}, iteration "
-                            f"{it}: the network diverged; {fix}.")
+        lr = opt.param_groups[0]["lr"]
+        check_finite_loss(loss.item(), f"epoch {epoch}, iteration {it}",
+                          f"rerun with a lower --lr (now {lr}): no epoch had finished"
+                          if epoch == 0 else f"lower --lr (now {lr}) and continue from the "
+                          f"intact checkpoint of epoch {epoch} with --resume")
         opt.zero_grad(set_to_none=True)
         head_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,12 +205,12 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     assignments = Assignments(out / "assignments.bin", n)
     assignments.truncate(state.epoch)
     _truncate_log(out / "log.jsonl", state.epoch)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    atomic_write_json(out / "config.json", cfg.to_dict())
     log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, epochs %d..%d, device %s, k-means %s",
              desc, n, cfg.arch, cfg.sobel, cfg.k, state.epoch, cfg.epochs - 1, device, backend)
     prev = state.prev_assign
     for epoch in range(state.epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(derive_seed(cfg.seed, epoch))
         t = {"start": time.perf_counter()}
         feats = extract_features(model, ds_eval, max(cfg.batch_size, FEATURE_BATCH), cfg.workers,
                                  device, desc=f"features {epoch}")
@@ -251,17 +218,18 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
         x = clustering.pca_whiten_l2(feats, cfg.pca_dim)
         t["pca"] = time.perf_counter()
         km = clustering.kmeans(x, cfg.k, niter=cfg.kmeans_iters,
-                               seed=epoch_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
+                               seed=derive_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
                                device=device)
         t["kmeans"] = time.perf_counter()
         assign = np.asarray(km.assign, dtype=np.int64)
         assignments.append(assign)
 
-        sampler = make_sampler(cfg.sampler, assign, cfg.reassign, epoch_seed(cfg.seed, epoch, 2))
-        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
-        loader = DataLoader(PseudoLabelled(ds_train, assign), batch_size=cfg.batch_size,
-                            sampler=sampler, num_workers=cfg.workers, generator=gen,
-                            drop_last=False)
+        sampler = make_sampler(cfg.sampler, assign, cfg.reassign, derive_seed(cfg.seed, epoch, 2))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 3))
+        draws = SeededDraws(PseudoLabelled(ds_train, assign), derive_seed(cfg.seed, "crops"))
+        draws.set_epoch(epoch)  # crops: a function of (seed, epoch, draw), whatever --workers
+        loader = DataLoader(draws, batch_size=cfg.batch_size, sampler=EnumeratedSampler(sampler),
+                            num_workers=cfg.workers, generator=gen, drop_last=False)
         model.top_layer = make_top_layer(embed_dim(model), cfg.k).to(device)
         head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=cfg.head_lr,
                                    weight_decay=cfg.head_weight_decay)

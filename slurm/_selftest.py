@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from dcbench.core import atomic_write_json
+
 
 def square(x: int) -> int:
     """A pure function: the job's result is ``x * x``."""
@@ -69,6 +71,4 @@ def resumable_count(
 
 
 def _save(path: Path, state: dict[str, object]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    atomic_write_json(path, state)

@@ -36,7 +36,7 @@ from submitit.helpers import Checkpointable
 from submitit.local.debug import DebugJob
 from submitit.slurm.slurm import SlurmJob
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 log = logging.getLogger(__name__)
 

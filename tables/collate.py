@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from evaluations.records import (
-    CELL_SCHEMA,
-    FAILURE_SCHEMA,
+    CellFile,
     CorruptRecord,
+    Failure,
     iter_results_files,
     read_results_file,
 )
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from tables import paper
 from tables.specs import SPECS, TableSpec
 
@@ -66,57 +66,34 @@ def _ckpt_fields(ckpt: object, path: Path) -> tuple[str, str, int | None]:
     return label, cid, int(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else None
 
 
-def _record_rows(obj: dict, path: Path) -> list[dict]:
+def _record_rows(cell: CellFile, path: Path) -> list[dict]:
     rows = []
-    for i, r in enumerate(obj["records"]):
-        value = float(r["value"])
+    for i, r in enumerate(cell.records):
+        value = float(r.value)
         if not math.isfinite(value):
-            log.warning("skipped record %d of %s: value %r is not finite", i, path, r["value"])
+            log.warning("skipped record %d of %s: value %r is not finite", i, path, r.value)
             continue
-        label, cid, k = _ckpt_fields(r["checkpoint"], path)
+        label, cid, k = _ckpt_fields(r.checkpoint, path)
         rows.append({
-            "table": str(r["table"]), "column": str(r["column"]),
-            "protocol": str(r["protocol"]), "selection": str(r["selection"] or ""),
-            "variant": str(r["variant"] or ""), "seed": r["seed"], "metric": str(r["metric"]),
-            "value": value, "dataset_name": str(r["dataset_name"] or ""),
+            "table": str(r.table), "column": str(r.column),
+            "protocol": str(r.protocol), "selection": str(r.selection or ""),
+            "variant": str(r.variant or ""), "seed": r.seed, "metric": str(r.metric),
+            "value": value, "dataset_name": str(r.dataset_name or ""),
             "ckpt_label": label, "ckpt_id": cid, "ckpt_k": k, "file": str(path),
         })
     return rows
 
 
-def failed_columns(table: str, columns: object, dataset: object, task: object) -> list[str]:
-    """The columns a failure file covers: its ``columns`` list if it has one, else the
-    table's columns of its dataset role (``imagenet`` -> ``imagenet/conv1..5``) or of a
-    word of its task name (``voc_detection`` -> ``detection/*``), else all of them."""
-    if isinstance(columns, list):
-        return [str(c) for c in columns]
-    spec = SPECS.get(table)
-    if spec is None:
-        return []
-    tokens = [str(dataset)] if dataset else []
-    tokens += str(task or "").split("_")
-    for tok in tokens:
-        hit = [k for k in spec.column_keys if k == tok or k.startswith(f"{tok}/")]
-        if hit:
-            return hit
-    return list(spec.column_keys)
-
-
-def _failure_rows(obj: dict, path: Path) -> list[dict]:
-    table = obj.get("table")
-    if not isinstance(table, str):
-        log.warning("skipped failure file %s: it names no 'table'", path)
-        return []
-    if table not in SPECS:
-        log.warning("skipped failure file %s: table %r is not a paper table (%s)", path, table,
+def _failure_rows(f: Failure, path: Path) -> list[dict]:
+    if f.table not in SPECS:
+        log.warning("skipped failure file %s: table %r is not a paper table (%s)", path, f.table,
                     ", ".join(SPECS))
         return []
-    columns = failed_columns(table, obj.get("columns"), obj.get("dataset"), obj.get("task"))
-    label, cid, _ = _ckpt_fields(obj.get("checkpoint"), path)
-    error = str(obj.get("error") or "").strip().splitlines()
-    return [{"table": table, "column": str(col), "protocol": str(obj.get("protocol") or ""),
-             "ckpt_label": label, "ckpt_id": cid, "error": error[-1] if error else "",
-             "file": str(path)} for col in columns]
+    label, cid, _ = _ckpt_fields(f.checkpoint, path)
+    error = f.error.strip().splitlines()
+    return [{"table": f.table, "column": col, "protocol": f.protocol, "ckpt_label": label,
+             "ckpt_id": cid, "error": error[-1] if error else "", "file": str(path)}
+            for col in f.columns]
 
 
 def load_results(root: Path | str) -> Results:
@@ -148,9 +125,9 @@ def load_results(root: Path | str) -> Results:
             log.warning("skipped corrupt results file %s", e)
             corrupt.append(str(path))
             continue
-        if obj["schema"] == CELL_SCHEMA:
+        if isinstance(obj, CellFile):
             records.extend(_record_rows(obj, path))
-        elif obj["schema"] == FAILURE_SCHEMA:
+        else:
             failures.extend(_failure_rows(obj, path))
     if not records and not failures:
         raise UserError(f"results folder {root} holds no readable records ({len(corrupt)} "
@@ -241,7 +218,7 @@ def filter_records(spec: TableSpec, records: pd.DataFrame, selection: str | None
              spec.id, int(bad_col.sum()), cols, ", ".join(spec.column_keys),
              df.loc[bad_col, "file"].iloc[0])
         df = df[~bad_col]
-    ok_metric = [spec.metric_ok(c, m) for c, m in zip(df["column"], df["metric"])]
+    ok_metric = [spec.column(c).metric == m for c, m in zip(df["column"], df["metric"])]
     bad_metric = ~pd.Series(ok_metric, index=df.index, dtype=bool)
     if bad_metric.any():
         warn("%s: %d records with metric(s) %s not shown (this table reports %s); e.g. %s",

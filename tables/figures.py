@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pretrain.errors import UserError
+from dcbench.core import UserError, atomic_open
 from tables import paper
 from tables.collate import Collated, Results, filter_records
 from tables.specs import SPECS
@@ -73,16 +73,23 @@ def _run_name(path: Path) -> str:
 
 
 def _save(fig: Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """PNG and PDF of ``fig``, each through the one atomic writer."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1], metadata={"CreationDate": None})
+    with atomic_open(paths[0]) as f:
+        fig.savefig(f, format="png", dpi=150)
+    with atomic_open(paths[1]) as f:
+        fig.savefig(f, format="pdf", metadata={"CreationDate": None})
     return paths
 
 
 def nmi_figure(logs: Sequence[Path], out: Path) -> list[Path]:
+    """Paper Fig. 2a/b, written as ``nmi.png`` / ``nmi.pdf``."""
+    return _save(nmi_plot(logs), out, "nmi")
+
+
+def nmi_plot(logs: Sequence[Path]) -> Figure:
     """Paper Fig. 2a/b: NMI(clusters, labels) and NMI(t-1, t) against epochs."""
     fig = Figure(figsize=(9, 3.5))
     ax_a, ax_b = fig.subplots(1, 2)
@@ -105,10 +112,15 @@ def nmi_figure(logs: Sequence[Path], out: Path) -> list[Path]:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "no values in the logs", ha="center", transform=ax.transAxes)
-    return _save(fig, out, "nmi")
+    return fig
 
 
 def per_layer_figure(col: Collated, out: Path) -> list[Path]:
+    """Top-1 per conv layer, written as ``per_layer.png`` / ``.pdf``."""
+    return _save(per_layer_plot(col), out, "per_layer")
+
+
+def per_layer_plot(col: Collated) -> Figure:
     """Top-1 per conv layer (ImageNet, Places): our rows vs the paper's DeepCluster."""
     fig = Figure(figsize=(9, 3.5))
     axes = fig.subplots(1, 2, sharey=True)
@@ -127,7 +139,7 @@ def per_layer_figure(col: Collated, out: Path) -> list[Path]:
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
-    return _save(fig, out, "per_layer")
+    return fig
 
 
 def k_ablation_data(results: Results) -> tuple[str, pd.DataFrame] | None:
@@ -145,12 +157,16 @@ def k_ablation_data(results: Results) -> tuple[str, pd.DataFrame] | None:
 
 
 def k_ablation_figure(results: Results, out: Path) -> list[Path]:
-    """Paper Fig. 2c: a metric against k (log scale); nothing when < 2 values of k."""
+    """Paper Fig. 2c as ``k_ablation.png`` / ``.pdf``; nothing when < 2 values of k."""
     data = k_ablation_data(results)
     if data is None:
         log.info("k ablation figure skipped: no records for two or more values of k")
         return []
-    ylabel, stats = data
+    return _save(k_ablation_plot(*data), out, "k_ablation")
+
+
+def k_ablation_plot(ylabel: str, stats: pd.DataFrame) -> Figure:
+    """Paper Fig. 2c: a metric against k (log scale), one line per column."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for column, g in stats.groupby("column", sort=True):
@@ -162,7 +178,7 @@ def k_ablation_figure(results: Results, out: Path) -> list[Path]:
     ax.set_title("k ablation (cf. paper Fig. 2c)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="x-small")
-    return _save(fig, out, "k_ablation")
+    return fig
 
 
 def write_figures(out: Path, results: Results, collated: dict[str, Collated],

@@ -22,14 +22,12 @@ if not __package__:  # run as a script: tables/ is sys.path[0]; import from the 
 import argparse  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from pretrain.errors import UserError  # noqa: E402
+from dcbench.core import UserError, atomic_write  # noqa: E402
 from tables.collate import (  # noqa: E402
     DEFAULT,
     TableView,
@@ -150,18 +148,6 @@ def _choice(value: str) -> str | None:
     return None if value == "any" else value
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text via a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -193,10 +179,10 @@ def render(results: Path, out: Path, fmt: str = "all", tables: Sequence[str] = (
         for f in formats:
             fn, ext = RENDERERS[f]
             texts[f][tid] = fn(view)
-            write_text(out / f"{tid}{ext}", texts[f][tid])
+            atomic_write(out / f"{tid}{ext}", texts[f][tid])
     for f, sep in (("md", "\n"), ("latex", "\n")):
         if f in texts:
-            write_text(out / f"tables{RENDERERS[f][1]}", sep.join(texts[f].values()))
+            atomic_write(out / f"tables{RENDERERS[f][1]}", sep.join(texts[f].values()))
     if figures:
         from tables import figures as figs  # matplotlib only when figures are asked for
         figs.write_figures(out / "figures", res, collated, logs)

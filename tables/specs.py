@@ -11,13 +11,6 @@ from dataclasses import dataclass
 # Protocols the suite writes: the paper's, and the documented re-implementation.
 KNOWN_PROTOCOLS = ("dc2018", "dc2018-reimpl")
 
-# Spellings of a metric that mean the same number.
-METRIC_ALIASES = {
-    "top1": frozenset({"top1", "top-1", "acc1", "acc@1"}),
-    "mAP": frozenset({"mAP", "map"}),
-    "mIoU": frozenset({"mIoU", "miou"}),
-}
-
 
 @dataclass(frozen=True)
 class ColumnSpec:
@@ -62,11 +55,6 @@ class TableSpec:
             if c.key == key:
                 return c
         raise KeyError(key)
-
-    def metric_ok(self, column: str, metric: str) -> bool:
-        """Whether a record's ``metric`` is this column's metric (aliases allowed)."""
-        want = self.column(column).metric
-        return metric in METRIC_ALIASES.get(want, frozenset({want}))
 
 
 def _t1_columns() -> tuple[ColumnSpec, ...]:
@@ -128,5 +116,3 @@ SPECS: dict[str, TableSpec] = {
                       "dataset)",
     ),
 }
-
-TABLE_IDS = tuple(SPECS)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import load_checkpoint
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from pretrain.models import AlexNet, VGG16
 
 

@@ -18,9 +18,9 @@ from evaluations.datasets import embedded
 from evaluations.datasets.common import read_datasets_file
 from evaluations.datasets.embedded import (MARKER, BuildParams, build_embedded, build_role,
                                            embedded_datasets)
-from evaluations.datasets.imagenet import imagenet_class_names, imagenet_split
+from evaluations.datasets.imagenet import imagenet_split
 from evaluations.datasets.places205 import places205_split
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} not installed")
@@ -86,7 +86,8 @@ def test_imagenet_role_reads_back_fashion_mnist(suite):
             a = np.asarray(img)
             assert img.mode == "RGB" and a.shape == (28, 28, 3)
             assert (a[:, :, 0] == images[i]).all() and lab == labels[i]  # lossless PNG
-    assert imagenet_class_names(root)["n00000009"] == "Ankle boot"
+    names = dict(ln.split(" ", 1) for ln in (root / "synset_words.txt").read_text().splitlines())
+    assert names["n00000009"] == "Ankle boot" and names["n00000000"] == "T-shirt/top"
 
 
 def test_places_role_reads_back_digits(places_root):

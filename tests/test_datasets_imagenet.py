@@ -13,7 +13,7 @@ import scipy.io
 from PIL import Image
 
 from evaluations.datasets.imagenet import detect_layout, imagenet_split, read_meta_mat
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 WNIDS = ("n00000001", "n00000002", "n00000003")
 # val image i (1-based) -> wnid; sorted-wnid class index written out by hand below.

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from evaluations.datasets.places205 import category_name, places205_split
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 CATEGORIES = {"a/abbey": 2, "b/bakery": 0, "c/church/outdoor": 1}
 IMAGES = Path("data/vision/torralba/deeplearning/images256")

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from evaluations.heads import HeadTrainConfig, bottou_lr, train_heads
 from evaluations.linear import conv_heads
-from evaluations.metrics import accuracy, tencrop_probs, topk_correct
+from evaluations.metrics import tencrop_probs, topk_correct
 from pretrain.models import AlexNet
 
 
@@ -18,7 +18,7 @@ def test_accuracy_hand_computed():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
     target = torch.tensor([1, 1, 2, 2])
     # row 0 right, row 1 wrong (0 wins), row 2 right, row 3 wrong -> 2/4
-    assert accuracy(scores, target, 1) == 50.0
+    assert topk_correct(scores, target, 1) == 2
     # top-2: row 1 has {0,1} -> right; row 3 has {0,2} -> right -> 4/4
     assert topk_correct(scores, target, 2) == 4
 
@@ -122,8 +122,7 @@ def test_selection_over_lr_grid_hand_built():
     # lr 0.01 peaks at epoch 1 (60) then drops; lr 0.001 ends best (55 > 50) but peaks lower
     ms = measurements({"conv3@lr0.01": hist("conv3@lr0.01", [40, 60, 50]),
                        "conv3@lr0.001": hist("conv3@lr0.001", [30, 45, 55])}, "imagenet/conv3", {})
-    got = {(m["selection"], m["variant"]): (m["value"], m["extra"]["head"], m["extra"]["epoch"])
-           for m in ms}
+    got = {(m.selection, m.variant): (m.value, m.details["head"], m.details["epoch"]) for m in ms}
     assert got[("best_epoch", "10crop")] == (60, "conv3@lr0.01", 1)
     assert got[("best_epoch", "center")] == (59, "conv3@lr0.01", 1)
     assert got[("last_epoch", "10crop")] == (55, "conv3@lr0.001", 2)
@@ -131,7 +130,7 @@ def test_selection_over_lr_grid_hand_built():
 
 def test_bad_probe_config_in_a_suite_is_one_clear_error():
     from evaluations.suites import parse_suite
-    from pretrain.errors import UserError
+    from dcbench.core import UserError
 
     for config, needle in (({"lrs": []}, "lrs"), ({"layers": ["conv6"]}, "conv6"),
                            ({"lrs": [-0.1]}, "lrs"), ({"epochs": 0}, "epochs")):

@@ -245,7 +245,7 @@ def test_resume_takes_the_new_learning_rate(reference, tmp_path):
 
 
 def test_resume_refuses_changed_settings(reference, tmp_path):
-    from pretrain.errors import UserError
+    from dcbench.core import UserError
 
     out = tmp_path / "copy"
     shutil.copytree(reference, out)

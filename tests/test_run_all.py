@@ -1,5 +1,7 @@
-"""run_all end to end on the embedded suite (tiny schedule): records, skipping, SIGKILL
-recovery, the released checkpoint format, and one clear error per bad input."""
+"""run_all end to end on the embedded suite (tiny schedule): records, skipping (also across
+runtime settings), SIGKILL recovery, the released checkpoint format as published, schema-1
+results folders, several checkpoints and labels, --datasets files, and one clear error per
+bad input."""
 from __future__ import annotations
 
 import json
@@ -13,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_fixture_module
 from evaluations import records
-from pretrain.checkpoint import atomic_torch_save, released_payload
-from pretrain.models import AlexNet
+
+lc = load_fixture_module("legacy_checkpoints.py", "legacy_checkpoints_fixture")
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -35,6 +38,8 @@ n_val_per_class = 2
 cpus_per_task = 1
 mem_gb = 2
 timeout_min = 10
+[runtime]
+workers = 0
 [[cell]]
 task = "linear"
 datasets = ["imagenet", "places"]
@@ -44,20 +49,16 @@ epochs = 1
 batch_size = 16
 input_size = 32
 resize_size = 36
-workers = 0
 """
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A released-format checkpoint (features.module.*, no optimizer), suites and a cache."""
+    """A checkpoint as the authors released theirs (legacy serialization, Python 2 strings,
+    features.module.*, no optimizer, no num_batches_tracked), suites and a cache."""
     root = tmp_path_factory.mktemp("runall")
-    torch.manual_seed(0)
-    net = AlexNet(sobel=True, fc_dim=64, k=7)
-    payload = released_payload(net, epoch=3)
-    assert "optimizer" not in payload and "features.module.0.weight" in payload["state_dict"]
     ckpt = root / "released.pth"
-    atomic_torch_save(payload, ckpt)
+    lc.write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=7, seed=0)
     (root / "tiny.toml").write_text(TINY_SUITE.format(random="false"))
     (root / "tiny_random.toml").write_text(TINY_SUITE.format(random="true"))
     return {"root": root, "ckpt": ckpt, "cache": root / "cache"}
@@ -82,30 +83,38 @@ def test_records_then_second_run_skips_everything(env, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     files = cell_files(results)
     assert len(files) == 4  # 2 datasets x 2 seeds
-    recs = [r for f in files for r in records.read_results_file(f)["records"]]
+    recs = [r for f in files for r in records.read_results_file(f).records]
     # 5 layers x (best, last) x (10crop, center) per cell
     assert len(recs) == 4 * 20
     r = recs[0]
-    assert r["checkpoint"]["sha256"] and r["checkpoint"]["arch"] == "alexnet"
-    assert r["checkpoint"]["epoch"] == 3 and r["checkpoint"]["k"] == 7
-    assert r["protocol"] == "dc2018" and r["table"] == "table1"
-    assert {x["column"] for x in recs} == {f"{d}/conv{i}" for d in ("imagenet", "places")
-                                           for i in range(1, 6)}
-    assert {x["dataset_name"] for x in recs} == {"embedded/fashion-mnist", "embedded/sklearn-digits"}
-    assert {x["selection"] for x in recs} == {"best_epoch", "last_epoch"}
-    assert all(0.0 <= x["value"] <= 100.0 for x in recs)
-    assert r["config"]["epochs"] == 1 and r["config_hash"]
-    assert r["env"]["torch"] == torch.__version__
+    assert r.checkpoint["sha256"] and r.checkpoint["arch"] == "alexnet"
+    assert r.checkpoint["epoch"] == 500 and r.checkpoint["k"] == 7
+    assert r.protocol == "dc2018" and r.table == "table1"
+    assert {x.column for x in recs} == {f"{d}/conv{i}" for d in ("imagenet", "places")
+                                        for i in range(1, 6)}
+    assert {x.dataset_name for x in recs} == {"embedded/fashion-mnist", "embedded/sklearn-digits"}
+    assert {x.selection for x in recs} == {"best_epoch", "last_epoch"}
+    assert all(0.0 <= x.value <= 100.0 for x in recs)
+    assert r.config["epochs"] == 1 and r.config_hash
+    assert "workers" not in r.config and "device" not in r.config  # the recipe only
+    assert r.env["torch"] == torch.__version__ and r.env["runtime"]["workers"] == 0
+    assert r.details["data"]["classes"] == 10 and r.details["head_info"]["dims"] > 0
 
     mtimes = {f: f.stat().st_mtime_ns for f in files}
-    t0 = time.perf_counter()
-    second = run_all(env, "--suite", str(env["root"] / "tiny.toml"), "--executor", "local",
-                     results=results)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "0 done, 4 skipped" in second.stdout
-    assert {f: f.stat().st_mtime_ns for f in cell_files(results)} == mtimes
-    assert not (results / "_logs").exists()  # nothing was submitted
-    assert time.perf_counter() - t0 < 120  # generous: "seconds", never a tight timing
+    # other runtime settings (workers, device) are not the protocol: nothing is submitted
+    for runtime in ([], ["--workers", "3"], ["--workers", "1", "--device", "cpu"]):
+        again = run_all(env, "--suite", str(env["root"] / "tiny.toml"), "--executor", "local",
+                        *runtime, results=results)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "0 done, 4 skipped" in again.stdout, (runtime, again.stdout)
+        assert {f: f.stat().st_mtime_ns for f in cell_files(results)} == mtimes
+        assert not (results / "_logs").exists()  # nothing was submitted
+    # a recipe change is a new cell
+    changed = env["root"] / "tiny_epochs2.toml"
+    changed.write_text((env["root"] / "tiny.toml").read_text().replace("epochs = 1", "epochs = 2"))
+    dry = run_all(env, "--suite", str(changed), "--dry-run", "--executor", "local",
+                  results=results)
+    assert "4 cell(s) to run, 0 already done" in dry.stdout
 
 
 def test_sigkill_midway_then_rerun_finishes_only_missing(env, tmp_path):
@@ -175,7 +184,7 @@ def test_bad_inputs_one_clear_error(env, tmp_path, case):
     assert len(errors) == 1, p.stderr
     assert expect in p.stderr
     assert "Traceback" not in p.stderr
-    assert not cell_files(results) if results.exists() else True
+    assert not (results.exists() and cell_files(results))
 
 
 def test_dry_run_prints_matrix_and_resources(env, tmp_path):
@@ -213,4 +222,191 @@ def test_failing_cell_is_reported_and_recorded(env, tmp_path):
     assert len(failed) == 2 and all("imagenet" in f.name for f in failed)
     info = json.loads(failed[0].read_text())
     assert "broken.JPEG" in info["error"] and info["columns"][0] == "imagenet/conv1"
+    # the failure names the job's own log, which holds the traceback
+    assert info["log"] and Path(info["log"]).is_file(), info["log"]
+    assert "broken.JPEG" in Path(info["log"]).read_text()
     assert len(cell_files(results)) == 2  # the places cells
+
+
+IMAGENET_ONLY = """
+name = "one"
+[resources]
+cpus_per_task = 1
+mem_gb = 2
+timeout_min = 10
+[[cell]]
+task = "linear"
+datasets = ["imagenet"]
+seeds = [0]
+[cell.config]
+epochs = 2
+batch_size = 4
+layers = ["conv1", "conv5"]
+input_size = 64
+resize_size = 72
+"""
+
+
+def tiny_imagenet(root: Path, n_train: int = 3, n_val: int = 2) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in ("n00000001", "n00000002"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{c}_{i}.JPEG", format="JPEG")
+    return root
+
+
+def values(results: Path) -> dict:
+    return {(r.checkpoint["label"], r.column, r.selection, r.variant): r.value
+            for f in cell_files(results) for r in records.read_results_file(f).records}
+
+
+def test_workers_change_no_number_and_datasets_file(env, tmp_path):
+    """Crops are seeded per draw, so 0 and 2 DataLoader workers give the same numbers; the
+    data root comes from a --datasets file (relative to the file's folder)."""
+    data = tiny_imagenet(tmp_path / "data" / "imnet")
+    (tmp_path / "data" / "roots.toml").write_text('[datasets]\nimagenet = "imnet"\n')
+    suite = tmp_path / "one.toml"
+    suite.write_text(IMAGENET_ONLY)
+    out = {}
+    for workers in (0, 2):
+        res = tmp_path / f"res{workers}"
+        p = run_all(env, "--suite", str(suite), "--datasets", str(tmp_path / "data" / "roots.toml"),
+                    "--executor", "debug", "--workers", str(workers), results=res)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[workers] = values(res)
+        rec = records.read_results_file(cell_files(res)[0]).records[0]
+        assert rec.env["runtime"]["workers"] == workers
+        assert rec.details["data"] == {"train": 6, "val": 4, "classes": 2,
+                                       "train_layout": "imagefolder", "val_layout": "imagefolder"}
+    assert len(out[0]) == 8 and out[0] == out[2]
+    assert [p.name for p in cell_files(tmp_path / "res0")] == [
+        p.name for p in cell_files(tmp_path / "res2")]  # one key whatever the workers
+    assert data.is_dir()
+
+
+def test_several_checkpoints_with_labels(env, tmp_path):
+    other = tmp_path / "other.pth"
+    lc.write_released_checkpoint(other, "alexnet", fc_dim=64, k=7, seed=5)
+    data = tiny_imagenet(tmp_path / "imnet")
+    suite = tmp_path / "one.toml"
+    suite.write_text(IMAGENET_ONLY)
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "evaluations.run_all", "--ckpt", str(env["ckpt"]), "--ckpt",
+           str(other), "--label", "released A", "--label", "B (seed 5)", "--suite", str(suite),
+           "--data-root", f"imagenet={data}", "--executor", "debug", "--results", str(res),
+           "--cache", str(env["cache"]), "--workers", "0"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    by_label = {}
+    for f in cell_files(res):
+        for r in records.read_results_file(f).records:
+            by_label.setdefault(r.checkpoint["label"], set()).add(r.checkpoint["path"])
+    assert by_label == {"released A": {str(env["ckpt"])}, "B (seed 5)": {str(other)}}
+    assert len({f.parent.name for f in cell_files(res)}) == 2  # one folder per checkpoint
+
+
+def test_checkpoint_replaced_after_submission_fails_the_cell(env, tmp_path):
+    """The worker checks the file's sha256 against the one the cell was keyed by."""
+    from evaluations.backbone import describe_checkpoint
+    from evaluations.suites import build_cells, parse_suite
+    from evaluations.worker import run_cell
+    import tomllib
+
+    ckpt = tmp_path / "moving.pth"
+    lc.write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=7, seed=3)
+    data = tiny_imagenet(tmp_path / "imnet")
+    suite = parse_suite(tomllib.loads(IMAGENET_ONLY), "one.toml")
+    cell, = build_cells(suite, [describe_checkpoint(ckpt)], {"imagenet": data},
+                        {"imagenet": "imagenet"}, {}, {"workers": 0}, tmp_path / "res")
+    lc.write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=7, seed=4)  # replaced
+    with pytest.raises(Exception, match="changed since the job was submitted"):
+        run_cell(cell)
+    failure = records.read_results_file(records.failure_path(tmp_path / "res",
+                                                             cell.checkpoint.id, cell.key))
+    assert "changed since the job was submitted" in failure.error
+    assert failure.columns == ("imagenet/conv1", "imagenet/conv5")
+    assert not cell_files(tmp_path / "res")
+
+
+def test_old_style_suite_runtime_in_config_is_moved_with_a_warning(caplog):
+    import logging
+    import tomllib
+
+    from evaluations.suites import parse_suite
+
+    old = tomllib.loads(IMAGENET_ONLY.replace("epochs = 2", "epochs = 2\nworkers = 4"))
+    with caplog.at_level(logging.WARNING):
+        suite = parse_suite(old, "old.toml")
+    assert "workers" in caplog.text and "[cell.runtime]" in caplog.text
+    assert suite.cells[0].runtime == {"workers": 4} and "workers" not in suite.cells[0].config
+
+
+LEGACY = load_fixture_module("legacy_results/inputs.py", "legacy_results_inputs")
+
+
+def test_results_written_before_the_split_are_found_not_recomputed(env, tmp_path):
+    """results_v1/ was written by run_all at commit e78a969 (schema 1: workers and device in
+    the config and the key). Rerun with today's suite style and other runtime settings: its
+    cells are migrated, nothing is submitted, the numbers are kept and render."""
+    import shutil
+
+    data, ckpt = LEGACY.build_inputs()
+    v1 = LEGACY.HERE / "results_v1"
+    old_files = sorted(p.relative_to(v1) for p in v1.rglob("*.json"))
+    sha = old_files[0].parts[0].rsplit("-", 1)[1]
+    assert records.read_results_file(v1 / old_files[0]).records[0].checkpoint[
+        "sha256"].startswith(sha)
+    from dcbench.core import file_sha256
+    assert file_sha256(ckpt).startswith(sha), "the fixture checkpoint's bytes changed"
+    res = tmp_path / "results"
+    shutil.copytree(v1, res)
+    old_values = values(res)
+    suite = tmp_path / "today.toml"
+    suite.write_text((LEGACY.HERE / "suite_v1.toml").read_text().replace("workers = 0\n", "")
+                     + "\n[runtime]\nworkers = 2\n")
+    p = subprocess.run([sys.executable, "-m", "evaluations.run_all", "--ckpt", str(ckpt),
+                        "--label", "released (fixture)", "--suite", str(suite), "--data-root",
+                        f"imagenet={data}", "--executor", "debug", "--results", str(res),
+                        "--cache", str(env["cache"])],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 done, 2 skipped" in p.stdout, p.stdout
+    new_files = cell_files(res)
+    assert len(new_files) == 2 and not {f.name for f in new_files} & {f.name for f in old_files}
+    assert values(res) == old_values
+    for f in new_files:
+        cell = records.read_results_file(f)
+        assert cell.schema == records.CELL_SCHEMA and cell.cell_key == f.stem
+        for r in cell.records:
+            assert "workers" not in r.config and r.env["runtime"] == {"workers": 0,
+                                                                      "device": "auto"}
+            assert r.details["migrated_from"] in {x.stem for x in old_files}
+    again = subprocess.run([sys.executable, "-m", "evaluations.run_all", "--ckpt", str(ckpt),
+                            "--suite", str(suite), "--data-root", f"imagenet={data}",
+                            "--executor", "debug", "--results", str(res), "--dry-run"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "0 cell(s) to run, 2 already done" in again.stdout
+    out = tmp_path / "tables"
+    r = subprocess.run([sys.executable, "tables/render.py", "--results", str(res), "--out",
+                        str(out), "--format", "md", "--no-figures", "-q"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_demo_suite_on_a_released_checkpoint_as_published(env, tmp_path):
+    """`run_all --suite demo` on an AlexNet file as the authors released theirs."""
+    res = tmp_path / "res"
+    p = run_all(env, "--suite", "demo", "--executor", "local", "--no-random-baseline",
+                results=res, timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "3 done, 0 skipped" in p.stdout
+    cols = {r.column for f in cell_files(res) for r in records.read_results_file(f).records}
+    assert cols == {*(f"{d}/conv{i}" for d in ("imagenet", "places") for i in range(1, 6)),
+                    "imagenet/acc1"}

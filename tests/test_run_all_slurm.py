@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import load_fixture_module
 from evaluations import records
-from pretrain.checkpoint import atomic_torch_save, released_payload
-from pretrain.models import AlexNet
 from slurm.local_cluster import INSTALL_HINT, LocalSlurm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,6 +25,8 @@ gpus_per_node = {gpus}
 cpus_per_task = 1
 mem_gb = 1
 timeout_min = 10
+[runtime]
+workers = 0
 [[cell]]
 task = "linear"
 datasets = ["places"]
@@ -36,7 +36,6 @@ epochs = 1
 batch_size = 16
 input_size = 64
 resize_size = 72
-workers = 0
 """
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
@@ -46,9 +45,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
 
 def test_run_all_submits_an_array_to_slurm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runall_slurm")
-    torch.manual_seed(0)
     ckpt = tmp / "released.pth"
-    atomic_torch_save(released_payload(AlexNet(sobel=True, fc_dim=64), epoch=1), ckpt)
+    load_fixture_module("legacy_checkpoints.py", "legacy_checkpoints_fixture"
+                        ).write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=None)
     (tmp / "suite.toml").write_text(SUITE.format(gpus=0))
     (tmp / "gpu.toml").write_text(SUITE.format(gpus=1))
     results = tmp / "results"
@@ -73,7 +72,7 @@ def test_run_all_submits_an_array_to_slurm(tmp_path_factory):
     assert "2 done, 0 skipped" in p.stdout
     files = sorted(results.glob("*/linear-*.json"))
     assert len(files) == 2
-    job_ids = {r["job_id"] for f in files for r in records.read_results_file(f)["records"]}
+    job_ids = {r.job_id for f in files for r in records.read_results_file(f).records}
     # one array: job ids <array>_<index> with a common array id
     assert len(job_ids) == 2 and len({j.split("_")[0] for j in job_ids}) == 1
     assert all(j.split("_")[0].isdigit() and int(j.split("_")[0]) >= 700000 for j in job_ids)

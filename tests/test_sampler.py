@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.errors import UserError
 from pretrain.sampler import (
     ReleasedClusterSampler,
     UniformClusterSampler,
@@ -143,15 +142,15 @@ def test_works_with_a_dataloader() -> None:
 
 def test_errors() -> None:
     assign = shuffled_labels((3, 2))
-    with pytest.raises(UserError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("balanced", assign, 1, 0)
-    with pytest.raises(UserError, match="non-empty 1-D"):
+    with pytest.raises(ValueError, match="non-empty 1-D"):
         make_sampler("uniform", np.array([], dtype=np.int64), 1, 0)
-    with pytest.raises(UserError, match=">= 0"):
+    with pytest.raises(ValueError, match=">= 0"):
         make_sampler("uniform", np.array([0, -1]), 1, 0)
-    with pytest.raises(UserError, match="integers"):
+    with pytest.raises(ValueError, match="integers"):
         make_sampler("uniform", np.array([0.0, 1.0]), 1, 0)
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         make_sampler("uniform", np.array([0, 5]), 1, 0, k=3)
-    with pytest.raises(UserError, match="reassign"):
+    with pytest.raises(ValueError, match="reassign"):
         make_sampler("uniform", assign, 0, 0)

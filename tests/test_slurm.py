@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from slurm import _selftest as st
 from slurm.launch import (
     CheckpointableJob,

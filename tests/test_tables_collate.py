@@ -3,6 +3,7 @@ missing or empty results folder, corrupt files, unknown protocol / table / metri
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import statistics
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.errors import UserError
+from dcbench.core import UserError
 from tables.collate import build_view, collate_table, load_results
 from tables.render import main
 from tables.specs import SPECS
@@ -132,12 +133,13 @@ def test_unknown_table_column_and_metric_are_not_averaged(tmp_path, caplog):
     fx.write(res, "t", [fx.make_record("table9", "imagenet/conv1", 1.0),
                         fx.make_record("table1", "imagenet/conv9", 2.0),
                         fx.make_record("table1", "imagenet/conv1", 99.0, metric="top5"),
-                        fx.make_record("table1", "imagenet/conv1", 12.0, metric="acc1")])
+                        fx.make_record("table1", "imagenet/conv1", 11.0, metric="acc1"),
+                        fx.make_record("table1", "imagenet/conv1", 12.0)])
     with caplog.at_level(logging.WARNING):
         col = collate_table(T1, load_results(res))
     assert "'table9'" in caplog.text
     assert "imagenet/conv9" in caplog.text
-    assert "top5" in caplog.text
+    assert "top5" in caplog.text and "acc1" in caplog.text  # no aliases: only top1 counts
     assert _row(col, OURS).cells["imagenet/conv1"].text == "12.0"
 
 
@@ -276,15 +278,16 @@ def test_tables_does_not_import_torch():
     assert run.returncode == 0, run.stderr
 
 
-def test_failure_file_as_the_worker_writes_it(tmp_path):
-    """No 'columns' key: the failed columns follow from the table and the dataset role."""
-    from evaluations.records import write_failure
+def test_failure_file_without_columns_is_skipped_with_a_warning(tmp_path, caplog):
+    """Every failure file names its columns; one that does not is not guessed at."""
     res = tmp_path / "results"
     fx.write(res, "in", [fx.make_record("table1", c, 30.0) for c in fx.IMAGENET])
-    write_failure(res, "dc-demo", "linear-places-s0-abc", {
-        "task": "linear", "table": "table1", "checkpoint": dict(fx.DEMO), "protocol": "dc2018",
-        "dataset": "places", "error": "RuntimeError: boom", "traceback": "...", "log": None,
-        "job_id": "1", "time": None})
-    cells = _row(collate_table(T1, load_results(res)), OURS).cells
-    assert [cells[f"places/conv{i}"].state for i in range(1, 6)] == ["failed"] * 5
+    bad = fx.fail(res, "linear-places-s0-abc", "table1", ["places/conv1"])
+    obj = json.loads(bad.read_text())
+    del obj["columns"]
+    bad.write_text(json.dumps(obj))
+    with caplog.at_level(logging.WARNING):
+        cells = _row(collate_table(T1, load_results(res)), OURS).cells
+    assert str(bad) in caplog.text and "columns" in caplog.text
+    assert [cells[f"places/conv{i}"].state for i in range(1, 6)] == ["missing"] * 5
     assert [cells[c].state for c in fx.IMAGENET] == ["ok"] * 5

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data import ImageListDataset
-from pretrain.errors import UserError
+from dcbench.core import UserError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +132,6 @@ def remap_classes(samples: list[tuple[Path, int]], own: list[str], classes: list
     return [(p, table[lab]) for p, lab in samples]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_datasets_file(path: str | Path, roots: Mapping[str, str | Path]) -> Path:
     """Write a datasets file (``[datasets] role = "root"``) atomically, unless it already says
     exactly that; returns its path."""
@@ -160,7 +146,7 @@ def write_datasets_file(path: str | Path, roots: Mapping[str, str | Path]) -> Pa
     except (OSError, UnicodeDecodeError):
         unchanged = False
     if not unchanged:
-        write_text_atomic(path, text)
+        atomic_write(path, text)
     return path
 
 

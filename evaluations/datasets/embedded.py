@@ -44,9 +44,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
-from pretrain.errors import UserError
+from dcbench.core import UserError, atomic_write
 
-from .common import write_datasets_file, write_text_atomic
+from .common import write_datasets_file
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def build_role(cache_dir: Path, params: BuildParams) -> Path:
         log.info("building embedded %s (%s) in %s", params.role, DATASET_NAMES[params.role],
                  final)
         _BUILDERS[params.role](tmp, params)
-        write_text_atomic(tmp / MARKER, json.dumps(
+        atomic_write(tmp / MARKER, json.dumps(
             {"params": asdict(params), "key": params.key(),
              "dataset_name": DATASET_NAMES[params.role]}, indent=1, sort_keys=True))
         try:

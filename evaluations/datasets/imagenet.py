@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data import is_image_file, require_dir, scan_image_folder
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 from .common import (Split, check_split, raise_if_missing, read_lines, remap_classes,
                      require_file)
@@ -73,15 +73,6 @@ def detect_layout(root: Path) -> str:
     if (root / "train").is_dir() or val.is_dir():
         return "imagefolder"
     raise UserError(f"ImageNet root {root} matches no known layout. Expected {LAYOUTS_HELP}")
-
-
-def imagenet_class_names(root: str | Path) -> dict[str, str]:
-    """wnid -> human-readable name from ``LOC_synset_mapping.txt`` or ``synset_words.txt``."""
-    for name in (KAGGLE_SYNSETS, "synset_words.txt"):
-        path = Path(root) / name
-        if path.is_file():
-            return dict(_parse_synset_line(path, i, s) for i, s in read_lines(path, "synset list"))
-    return {}
 
 
 # --- layouts --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path, PurePosixPath
 
 from pretrain.data import require_dir, scan_image_folder
-from pretrain.errors import UserError
+from dcbench.core import UserError
 
 from .common import Split, check_split, raise_if_missing, read_lines, remap_classes, require_file
 

@@ -1,0 +1,215 @@
+"""The shared core: what every package of the suite uses, in one small module.
+
+* :class:`UserError` -- the one exception type for mistakes a user can make; command-line
+  entry points print its message (no traceback) and exit 2.
+* :func:`atomic_open` / :func:`atomic_write` / :func:`atomic_write_json` -- the one atomic
+  file writer (temp file in the same folder, fsync, ``os.replace``). Files honour the umask.
+* :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` and the image transforms of the protocols.
+* :func:`resolve_device`, :func:`derive_seed` (the one seed scheme), :func:`file_sha256`,
+  :func:`check_finite_loss` (a diverging loss, reported the same way everywhere).
+
+Torch and torchvision are imported inside the functions that need them: ``tables`` imports
+this module and never imports torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TMP_SUFFIX = ".tmp"
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message names what, where, and the fix."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def temp_name(path: Path) -> Path:
+    """The temp file an atomic write of ``path`` uses: ``.<name>.<pid>.<random>.tmp``."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file next to ``path`` for writing; on success fsync it and rename it over
+    ``path``; on any error remove it. Readers see the old file or the new one, never a part.
+
+    The temp file is created with mode ``0o666`` filtered by the umask, like any file the
+    user writes (``tempfile.mkstemp`` would force 0600).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8",
+                                                            "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; return the path."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented, key-sorted JSON, written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _normalize():
+    from torchvision import transforms as T
+
+    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def train_transform(size: int):
+    """Pretraining: RandomResizedCrop (default scale/ratio) + horizontal flip + normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      _normalize()])
+
+
+def eval_transform(resize: int, size: int):
+    """Feature extraction: Resize, CenterCrop, normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), _normalize()])
+
+
+def probe_train_transform(resize: int, size: int):
+    """The authors' probe training crops: Resize, CenterCrop(resize), RandomCrop, flip."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.RandomCrop(size),
+                      T.RandomHorizontalFlip(), T.ToTensor(), _normalize()])
+
+
+class _StackCrops:
+    """Normalise each crop of a TenCrop and stack them (a class: picklable for workers)."""
+
+    def __init__(self) -> None:
+        from torchvision import transforms as T
+
+        self.norm = T.Compose([T.ToTensor(), _normalize()])
+
+    def __call__(self, crops):
+        import torch
+
+        return torch.stack([self.norm(c) for c in crops])
+
+
+def probe_test_transform(resize: int, size: int):
+    """Resize then TenCrop -> tensor [10, 3, size, size] (crop 4 is the centre crop)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.TenCrop(size), _StackCrops()])
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda if visible else cpu; ``cuda[:N]`` without a GPU is a UserError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} was asked for but no CUDA GPU is visible; use cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+
+
+def _seed_part(p: int | str) -> int:
+    if isinstance(p, str):
+        return int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+    if p < 0:
+        raise ValueError(f"seed parts must be >= 0, got {p}")
+    return int(p)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """The one seed scheme: an independent 63-bit seed for a tuple of ints and names
+    (run seed, epoch, stream, head name, image index, ...), via numpy's SeedSequence."""
+    words = [_seed_part(p) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def check_finite_loss(loss: float, where: str, fix: str) -> None:
+    """Raise one UserError if a training loss is NaN or infinite: the run diverged."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss became {loss} at {where}: the network diverged; "
+                        f"{fix}.")
+
+
+class SeededDraws:
+    """A dataset whose item ``(draw, index)`` is ``dataset[index]`` computed with torch's RNG
+    seeded by ``derive_seed(seed, epoch, draw)``: random augmentations then depend on the seed,
+    the epoch and the draw's position in the epoch only -- not on the number of DataLoader
+    workers, nor on which process makes the item. Use with :class:`EnumeratedSampler`."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating a loader for ``epoch`` (workers get a copy at that point)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        import torch
+
+        draw, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, self.epoch, draw))
+            return self.dataset[index]
+
+
+class EnumeratedSampler:
+    """Yields ``(draw, index)`` for each index of ``sampler``, draw = 0, 1, ..."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        return iter(enumerate(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)

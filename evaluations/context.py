@@ -1,0 +1,60 @@
+"""What a task gets besides its recipe: the runtime settings and the cell's context.
+
+A task's config dataclass is its *recipe*: every setting that can change a number, hashed into
+the cell key. :class:`Runtime` holds the settings that cannot change a number (how many data
+workers, which device, cache sizes): recorded in each record's ``env.runtime``, never hashed,
+so changing them never reruns a cell. Random augmentations are seeded per draw
+(:class:`dcbench.core.SeededDraws`), so the number of workers does not change the crops.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dcbench.core import UserError
+
+from .records import CheckpointInfo
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a cell runs (never part of its key)."""
+
+    workers: int = 8  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    val_cache_gb: float = 2.0  # keep frozen val features in memory up to this size
+    trust_pickle: bool = False  # load checkpoints that need weights_only=False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise UserError(f"runtime: workers must be an integer >= 0 (got {self.workers!r}).")
+        if not isinstance(self.val_cache_gb, (int, float)) or self.val_cache_gb < 0:
+            raise UserError(f"runtime: val_cache_gb must be >= 0 (got {self.val_cache_gb!r}).")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise UserError(f"runtime: device must be auto, cpu or cuda[:N] (got {self.device!r}).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str) -> "Runtime":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown runtime setting(s) {unknown}; known: "
+                            f"{', '.join(sorted(known))}.")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything a task's ``run(config, ctx)`` reads besides its recipe."""
+
+    checkpoint: CheckpointInfo
+    dataset: str  # the dataset role
+    data_root: Path
+    seed: int
+    runtime: Runtime
+    device: Any  # torch.device, resolved from runtime.device
+    state_dir: Path  # where a long task may keep its own training state (resume)
