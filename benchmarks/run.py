@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_tables")
+BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_tables",
+           "bench_voc")
 
 
 def _load(name: str):

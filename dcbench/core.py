@@ -13,18 +13,24 @@ this module and never imports torch.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TMP_SUFFIX = ".tmp"
@@ -38,8 +44,111 @@ class UserError(Exception):
 
 
 def temp_name(path: Path) -> Path:
-    """The temp file an atomic write of ``path`` uses: ``.<name>.<pid>.<random>.tmp``."""
-    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    """The temp file an atomic write of ``path`` uses: ``.<name>.<host>.<pid>.<random>.tmp``
+    (the writer's host and pid let a later run tell a dead writer's leftovers)."""
+    host = socket.gethostname().replace(".", "-")
+    return path.parent / f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, ...) would address process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, older_than_s: float = 24 * 3600) -> list[Path]:
+    """Remove the temp files of atomic writes in ``folder`` whose writer is gone: written by
+    a dead process of this host, or older than ``older_than_s`` (another host's)."""
+    removed = []
+    host = socket.gethostname().replace(".", "-")
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        parts = p.name[: -len(TMP_SUFFIX)].rsplit(".", 3)  # .<name>, host, pid, random
+        try:
+            dead = (len(parts) == 4 and parts[1] == host and parts[2].isdigit()
+                    and not pid_alive(int(parts[2])))
+            if dead or time.time() - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("removed %d temp file(s) left by interrupted writes in %s", len(removed), folder)
+    return removed
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a lock or claim file: a process on a host, maybe a SLURM job."""
+
+    pid: int
+    host: str
+    since: str
+    job: str | None = None  # a SLURM job id when the work runs in a job
+
+    def alive(self) -> bool | None:
+        """True/False for a process of this host; None when it runs elsewhere (unknown)."""
+        if self.host != socket.gethostname():
+            return None
+        return pid_alive(self.pid)
+
+    def describe(self) -> str:
+        job = f", SLURM job {self.job}" if self.job else ""
+        return f"pid {self.pid} on {self.host}{job} since {self.since}"
+
+    @classmethod
+    def me(cls, job: str | None = None) -> "Owner":
+        return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), job)
+
+
+def take(path: Path, job: str | None = None) -> Owner | None:
+    """Create ``path`` exclusively with this process as its owner. Returns None when taken,
+    else the current owner (an unreadable file -- its writer died mid-write -- reads as a
+    dead owner of this host)."""
+    me = Owner.me(job)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return read_owner(path)
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            raise write_error(path, e) from None
+        raise
+    with os.fdopen(fd, "w") as f:
+        json.dump(me.__dict__, f)
+    return None
+
+
+def read_owner(path: Path) -> Owner:
+    try:
+        return Owner(**json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return Owner(-1, socket.gethostname(), "unknown")
+
+
+def update_owner(path: Path, owner: Owner) -> None:
+    """Replace the owner recorded in ``path`` (a hand-over; atomic)."""
+    atomic_write_json(path, owner.__dict__)
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def write_error(path: Path, e: OSError) -> UserError:
+    """One clear line for an output that cannot be written (full or read-only disk, ...)."""
+    what = WRITE_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+    return UserError(f"cannot write {path}: {what}. Free space, fix the permissions or choose "
+                     "another output folder; the previous version of the file, if any, is "
+                     "intact.")
 
 
 @contextmanager
@@ -53,9 +162,14 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            raise write_error(path, e) from None
+        raise
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8",
                                                             "newline": "\n"})) as f:
@@ -63,8 +177,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            raise write_error(path, e) from None
         raise
 
 
@@ -168,6 +284,24 @@ def derive_seed(*parts: int | str) -> int:
     (run seed, epoch, stream, head name, image index, ...), via numpy's SeedSequence."""
     words = [_seed_part(p) for p in parts]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def check_number(where: str, name: str, value, *, minimum: float | None = None,
+                 maximum: float | None = None, above: float | None = None,
+                 below: float | None = None) -> None:
+    """One UserError unless ``value`` is a finite real number within the given bounds
+    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {minimum:g}" if minimum is not None else "",
+                  f"> {above:g}" if above is not None else "",
+                  f"<= {maximum:g}" if maximum is not None else "",
+                  f"< {below:g}" if below is not None else ""]
+        rule = " and ".join(b for b in bounds if b)
+        raise UserError(f"{where}: {name} must be a finite number{' ' + rule if rule else ''} "
+                        f"(got {value!r}).")
 
 
 def check_finite_loss(loss: float, where: str, fix: str) -> None:

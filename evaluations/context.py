@@ -25,10 +25,13 @@ class Runtime:
     device: str = "auto"  # auto | cpu | cuda[:N]
     val_cache_gb: float = 2.0  # keep frozen val features in memory up to this size
     trust_pickle: bool = False  # load checkpoints that need weights_only=False
+    save_every: int = 1000  # iterations between a long task's saves of its training state
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"runtime: workers must be an integer >= 0 (got {self.workers!r}).")
+        if not isinstance(self.save_every, int) or self.save_every < 1:
+            raise UserError(f"runtime: save_every must be an integer >= 1 (got {self.save_every!r}).")
         if not isinstance(self.val_cache_gb, (int, float)) or self.val_cache_gb < 0:
             raise UserError(f"runtime: val_cache_gb must be >= 0 (got {self.val_cache_gb!r}).")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -9,6 +9,10 @@ On disk (``<results>/<ckpt-id>/``):
                               iff this file parses and validates.
 * ``<cell-key>.failed.json``  the last failure of a cell (:class:`Failure`); removed when the
                               cell succeeds.
+* ``<cell-key>.claim``        held while the cell is queued or runs (:mod:`evaluations.claims`).
+* ``.checkpoint.json``        the checkpoint's :class:`CheckpointInfo` as last given to run_all:
+                              its label is the one the tables show.
+* ``<name>.corrupt``          a cell file that did not validate, moved aside (see ``is_done``).
 
 Schema 1 files (written before the recipe/runtime split) hold the same record keys, but their
 ``config`` also holds runtime settings (``workers``, ``device``) and their cell key hashed them:
@@ -19,13 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dcbench.core import atomic_write_json
 
+log = logging.getLogger(__name__)
 RECORD_SCHEMA = "dcbench.record/2"
+CORRUPT_SUFFIX = ".corrupt"
+CHECKPOINT_INFO = ".checkpoint.json"
 CELL_SCHEMA = "dcbench.cell/2"
 FAILURE_SCHEMA = "dcbench.failure/2"
 LEGACY_SCHEMAS = {"record": "dcbench.record/1", "cell": "dcbench.cell/1",
@@ -213,7 +221,42 @@ def write_failure(results: Path, ckpt_id: str, failure: Failure) -> Path:
 
 
 def is_done(results: Path, ckpt_id: str, cell_key: str) -> bool:
-    return cell_path(results, ckpt_id, cell_key).is_file()
+    """True iff the cell's file parses and validates as this cell's records. Anything else
+    under its name (cut short by a full disk, edited, foreign) is moved aside to
+    ``<name>.corrupt`` with a warning, so the cell is computed again."""
+    path = cell_path(results, ckpt_id, cell_key)
+    if not path.is_file():
+        return False
+    try:
+        cell = read_results_file(path)
+        if isinstance(cell, CellFile) and cell.cell_key == cell_key and cell.records:
+            return True
+        reason = "it is not a finished cell of this key"
+    except CorruptRecord as e:
+        reason = str(e)
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    path.replace(aside)
+    log.warning("moved %s aside to %s and will compute the cell again: %s", path.name,
+                aside.name, reason)
+    return False
+
+
+def write_checkpoint_info(results: Path, info: CheckpointInfo) -> Path:
+    """``<results>/<ckpt-id>/.checkpoint.json``: the checkpoint as last given to run_all. Its
+    ``label`` is what the tables show (labels are presentation: relabelling recomputes
+    nothing)."""
+    return atomic_write_json(Path(results) / info.id / CHECKPOINT_INFO, info.to_dict())
+
+
+def read_labels(results: Path) -> dict[str, str]:
+    """ckpt-id -> current label, from each folder's ``.checkpoint.json``."""
+    out = {}
+    for p in Path(results).glob(f"*/{CHECKPOINT_INFO}"):
+        try:
+            out[p.parent.name] = str(json.loads(p.read_text())["label"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignored %s: not a checkpoint info file", p)
+    return out
 
 
 class CorruptRecord(Exception):

@@ -3,8 +3,10 @@
 Builds the cells (checkpoint x task x dataset x seed), skips those whose record file exists,
 submits the rest through submitit (one SLURM array per resource group; ``local`` runs them
 as subprocesses here, ``debug`` in this process), shows progress, and ends with a summary
-(done / skipped / failed with each failure's log). Exit code 1 if any cell failed, 2 on a
-usage error.
+(done / skipped / failed with each failure's log). Exit codes: 0 all cells done, 1 a cell
+failed, 2 a usage error, 3 cells left to other processes or SLURM jobs that hold their claims
+(rerun later), 130 / 143 stopped by SIGINT / SIGTERM (what this process started is cancelled,
+except SLURM jobs, which go on; nothing false is recorded).
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dcbench.core import UserError
@@ -76,7 +79,7 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
         if not sep or not role or not path:
             raise UserError(f"--data-root {item!r} must be ROLE=PATH, e.g. imagenet=/data/ILSVRC2012.")
         given[role] = path
-    from .datasets import READERS
+    from .datasets import check_root
     from .suites import needed_roles
 
     roots, names = {}, {}
@@ -88,11 +91,11 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
         if str(given[role]) == "embedded":
             from .datasets.embedded import DATASET_NAMES, build_embedded
 
-            emb = build_embedded(cache / "embedded", **suite.embedded)
+            emb = build_embedded(cache / "embedded", roles=(role,), **suite.embedded)
             roots[role], names[role] = emb[role], DATASET_NAMES[role]
         else:
             root = Path(given[role]).expanduser()
-            READERS[role](root, "val")  # validates the layout now, not in a job hours later
+            check_root(role, root)  # the layout now, not in a job hours later
             roots[role], names[role] = root, role
     return roots, names
 
@@ -106,6 +109,14 @@ def checkpoints(args, suite, results: Path) -> list:
     labels = args.label or [None] * len(args.ckpt)
     infos = [describe_checkpoint(p, lab, bool(args.trust_pickle))
              for p, lab in zip(args.ckpt, labels)]
+    seen: dict[str, str] = {}
+    for info in infos:
+        if info.sha256 in seen:
+            raise UserError(f"the same checkpoint is given twice: {seen[info.sha256]} and "
+                            f"{info.path} have the same bytes (sha256 {info.sha256[:12]}...). "
+                            "Give it once, with the --label you want (a label is only the row "
+                            "name: changing it later recomputes nothing).")
+        seen[info.sha256] = info.path
     want_random = suite.random_baseline if args.random_baseline is None else args.random_baseline
     if want_random:
         from pretrain.models import ModelSpec
@@ -116,22 +127,6 @@ def checkpoints(args, suite, results: Path) -> list:
             path = write_random_checkpoint(spec, results / "_random" / f"{name}.pth")
             infos.append(describe_checkpoint(path, f"Random ({spec.arch}, same init)"))
     return infos
-
-
-def clean_temp_files(results: Path, older_than_s: float = 600) -> int:
-    """Remove temp files a killed writer left behind (never a finished record). A write takes
-    milliseconds: only files older than ``older_than_s`` are stale, so a job that is still
-    running elsewhere never loses the file it is about to rename."""
-    n = 0
-    now = time.time()
-    for p in results.glob("*/.*.tmp"):
-        try:
-            if now - p.stat().st_mtime > older_than_s:
-                p.unlink()
-                n += 1
-        except FileNotFoundError:
-            pass
-    return n
 
 
 def print_matrix(groups: dict, todo: list, skipped: list, executor: str) -> None:
@@ -152,25 +147,52 @@ def print_matrix(groups: dict, todo: list, skipped: list, executor: str) -> None
         print(f"  skip {c.key} (record exists)")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: stop what this process started, record nothing false."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (PermissionError, NotADirectoryError, FileExistsError) as e:
-        print(f"error: cannot write {e.filename}: {e.strerror}. Pass a writable folder to "
-              "--results / --cache.", file=sys.stderr)
+    except OSError as e:  # e.g. the embedded data's cache folder
+        from dcbench.core import WRITE_ERRORS, write_error
+
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"error: {write_error(Path(e.filename or args.results), e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # before any cell was submitted
+        print(f"run_all: stopped by {'SIGTERM' if isinstance(e, Stopped) else 'SIGINT'} before "
+              "submitting anything; nothing was recorded.", file=sys.stderr)
+        return 143 if isinstance(e, Stopped) else 130
+
+
+@dataclass
+class Outcome:
+    """How the submitted cells ended: done, failed (with error and log), or not finished
+    because run_all was stopped (cancelled here, or still running as SLURM jobs)."""
+
+    done: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    unfinished: list = field(default_factory=list)
+    stopped: KeyboardInterrupt | None = None
 
 
 def _main(args) -> int:
-    from slurm.launch import make_executor
+    from dcbench.core import remove_stale_temps, write_error
 
-    from . import legacy, records
+    from . import claims, legacy, records
     from .suites import build_cells, filter_tasks, load_suite
 
     t0 = time.perf_counter()
@@ -184,6 +206,11 @@ def _main(args) -> int:
     suite = load_suite(args.suite)
     suite = filter_tasks(suite, [t for t in (args.tasks or "").split(",") if t])
     results = Path(args.results).expanduser().resolve()
+    if not args.dry_run:
+        try:
+            results.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(results, e) from None
     infos = checkpoints(args, suite, results)
     roots, names = parse_roots(args, suite, Path(args.cache).expanduser())
     overrides = {k: v for k, v in {"partition": args.partition, "timeout_min": args.timeout_min,
@@ -193,78 +220,138 @@ def _main(args) -> int:
                                  "trust_pickle": args.trust_pickle}.items() if v is not None}
     cells = build_cells(suite, infos, roots, names, overrides, runtime, results)
     if not args.dry_run:
-        clean_temp_files(results)
+        for info in infos:
+            remove_stale_temps(results / info.id)
+            records.write_checkpoint_info(results, info)
     done_keys = {c.key for c in cells if records.is_done(results, c.checkpoint.id, c.key)
                  or (not args.dry_run and legacy.migrate(c))}
     skipped = [c for c in cells if c.key in done_keys]
     todo = [c for c in cells if c.key not in done_keys]
-    groups: dict = defaultdict(list)
-    for c in todo:
-        groups[c.resources.key()].append(c)
     if args.dry_run:
-        print_matrix(groups, todo, skipped, executor_kind)
+        print_matrix(_groups(todo), todo, skipped, executor_kind)
         return 0
-    done, failed = _submit_and_wait(groups, results, executor_kind, suite.name, make_executor)
-    _summary(done, skipped, failed, time.perf_counter() - t0, results)
-    return 1 if failed else 0
+    busy, mine = [], []
+    for c in todo:
+        why = claims.claim(claims.claim_path(results, c.checkpoint.id, c.key))
+        (busy if why else mine).append((c, why) if why else c)
+    out = _submit_and_wait(_groups(mine), results, executor_kind, suite.name)
+    _summary(out, skipped, busy, time.perf_counter() - t0, results, executor_kind)
+    if out.stopped is not None:
+        return 143 if isinstance(out.stopped, Stopped) else 130
+    return 1 if out.failed else (3 if busy else 0)
 
 
-def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str, make_executor):
+def _groups(cells) -> dict:
+    groups: dict = defaultdict(list)
+    for c in cells:
+        groups[c.resources.key()].append(c)
+    return groups
+
+
+def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str) -> Outcome:
     from submitit.core.utils import FailedJobError
     from tqdm import tqdm
 
-    from slurm.launch import error_summary, submit_array, wait
+    from slurm.launch import error_summary, make_executor, submit_array, wait
 
-    from . import records
+    from . import claims, records
     from .worker import failure_of, run_cell
 
-    done, failed = [], []
-    jobs_all = []
-    logs = results / "_logs"
-    for _, cells in groups.items():
-        ex = make_executor(executor_kind, logs, cells[0].resources, f"dc-{suite_name}")
-        try:
-            jobs = submit_array(ex, run_cell, cells)
-        except FailedJobError as e:
-            r = cells[0].resources
-            raise UserError(f"the scheduler refused the array of {len(cells)} cell(s) "
-                            f"(gpus={r.gpus_per_node}, cpus={r.cpus_per_task}, mem={r.mem_gb}G, "
-                            f"time={r.timeout_min}min, partition={r.partition}): "
-                            f"{str(e).strip().splitlines()[-1]} Fix the suite's [resources] or "
-                            "pass --partition / --timeout-min.") from None
-        jobs_all += list(zip(jobs, cells))
-        log.info("submitted %d cell(s) as %s", len(cells), ", ".join(str(j.job_id) for j in jobs[:3])
-                 + (" ..." if len(jobs) > 3 else ""))
-    by_job = {id(j): c for j, c in jobs_all}
-    bar = tqdm(total=len(jobs_all), desc="cells", unit="cell")
+    out = Outcome()
+    jobs_all: list = []
+    claim = {c.key: claims.claim_path(results, c.checkpoint.id, c.key)
+             for cells in groups.values() for c in cells}
+    finished: set[str] = set()
+    try:
+        for _, cells in groups.items():
+            ex = make_executor(executor_kind, results / "_logs", cells[0].resources,
+                               f"dc-{suite_name}")
+            try:
+                jobs = submit_array(ex, run_cell, cells)
+            except FailedJobError as e:
+                r = cells[0].resources
+                raise UserError(f"the scheduler refused the array of {len(cells)} cell(s) "
+                                f"(gpus={r.gpus_per_node}, cpus={r.cpus_per_task}, "
+                                f"mem={r.mem_gb}G, time={r.timeout_min}min, partition="
+                                f"{r.partition}): {str(e).strip().splitlines()[-1]} Fix the "
+                                "suite's [resources] or pass --partition / --timeout-min.") from None
+            jobs_all += list(zip(jobs, cells))
+            if executor_kind == "slurm":
+                for job, c in zip(jobs, cells):
+                    claims.set_job(claim[c.key], str(job.job_id))
+            log.info("submitted %d cell(s) as %s", len(cells),
+                     ", ".join(str(j.job_id) for j in jobs[:3]) + (" ..." if len(jobs) > 3 else ""))
+        by_job = {id(j): c for j, c in jobs_all}
+        bar = tqdm(total=len(jobs_all), desc="cells", unit="cell")
 
-    def on_done(outcome):
-        job, error = outcome.job, outcome.error
-        log_paths = str(outcome.stderr) if outcome.stderr else "(no log: in-process job)"
-        cell = by_job[id(job)]
-        if error is None:
-            done.append(cell)
-        else:
-            fpath = records.failure_path(results, cell.checkpoint.id, cell.key)
-            if not fpath.exists():  # the job died before the worker could say why
-                records.write_failure(results, cell.checkpoint.id, replace(
-                    failure_of(cell, error_summary(error)[:500], log_paths),
-                    job_id=str(job.job_id)))
-            failed.append((cell, error, log_paths))
-        bar.update(1)
+        def on_done(outcome):
+            job, error = outcome.job, outcome.error
+            log_paths = str(outcome.stderr) if outcome.stderr else "(no log: in-process job)"
+            cell = by_job[id(job)]
+            finished.add(cell.key)
+            claims.release(claim[cell.key])
+            if error is None:
+                out.done.append(cell)
+            else:
+                fpath = records.failure_path(results, cell.checkpoint.id, cell.key)
+                if not fpath.exists():  # the job died before the worker could say why
+                    try:
+                        records.write_failure(results, cell.checkpoint.id, replace(
+                            failure_of(cell, error_summary(error)[:500], log_paths),
+                            job_id=str(job.job_id)))
+                    except UserError as e:  # e.g. the disk that failed the cell is full
+                        log.warning("could not record the failure of %s: %s", cell.key, e)
+                out.failed.append((cell, error, log_paths))
+            bar.update(1)
 
-    wait([j for j, _ in jobs_all], on_done=on_done)
-    bar.close()
-    return done, failed
+        wait([j for j, _ in jobs_all], on_done=on_done)
+        bar.close()
+    except KeyboardInterrupt as e:
+        out.stopped = e
+        out.unfinished = _stop(jobs_all, finished, executor_kind)
+        for key, path in claim.items():  # SLURM jobs keep theirs: a rerun sees them alive
+            if key not in finished and not (executor_kind == "slurm" and
+                                             any(c.key == key for _, c in jobs_all)):
+                claims.release(path)
+    return out
 
 
-def _summary(done, skipped, failed, seconds: float, results: Path) -> None:
+def _stop(jobs_all, finished: set[str], executor_kind: str) -> list:
+    """Kill the unfinished local jobs this process started (their claims are released by the
+    caller); SLURM jobs go on. Returns the unfinished (cell, job id) pairs."""
+    from slurm.launch import kill_local_jobs
+
+    unfinished = [(j, c) for j, c in jobs_all if c.key not in finished]
+    if executor_kind == "local":
+        kill_local_jobs([j for j, _ in unfinished])
+    return [(c, str(j.job_id)) for j, c in unfinished]
+
+
+def _summary(out: Outcome, skipped, busy, seconds: float, results: Path,
+             executor_kind: str) -> None:
     from slurm.launch import error_summary
 
-    print(f"\nrun_all: {len(done)} done, {len(skipped)} skipped (record exists), "
-          f"{len(failed)} failed in {seconds:.1f}s; records under {results}")
-    for cell, error, log_paths in failed:
+    how = ""
+    if out.stopped is not None:
+        how = f"stopped by {'SIGTERM' if isinstance(out.stopped, Stopped) else 'SIGINT'}: "
+    print(f"\nrun_all: {how}{len(out.done)} done, {len(skipped)} skipped (record exists), "
+          f"{len(out.failed)} failed, {len(out.unfinished)} not finished, {len(busy)} left to "
+          f"others in {seconds:.1f}s; records under {results}")
+    for cell, error, log_paths in out.failed:
         print(f"  FAILED {cell.key}: {error_summary(error)[:300]}\n    log: {log_paths}")
+    if out.unfinished and executor_kind == "slurm":
+        print(f"  {len(out.unfinished)} cell(s) go on as SLURM jobs "
+              f"({', '.join(j for _, j in out.unfinished[:5])}"
+              f"{' ...' if len(out.unfinished) > 5 else ''}); rerun this command later to "
+              "collect their records: it does not resubmit them while they are queued or run.")
+    elif out.unfinished:
+        print(f"  not finished (cancelled, nothing recorded): "
+              f"{', '.join(c.key for c, _ in out.unfinished)}\n  rerun the same command to "
+              "compute them.")
+    for cell, why in busy:
+        print(f"  SKIPPED {cell.key}: {why}")
+    if busy:
+        print("  rerun this command when they are done to collect their records.")
 
 
 if __name__ == "__main__":

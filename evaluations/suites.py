@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dcbench.core import UserError
-from slurm.launch import Resources
+from slurm.launch import Resources, check_sbatch_value
 
 from .context import Runtime
 from .records import CheckpointInfo, stable_hash
@@ -162,12 +162,14 @@ def parse_suite(data: dict, source: str) -> Suite:
         resolve_config(task, config)  # validate keys and values early
         cells.append(CellSpec(task.name, tuple(c["datasets"]), tuple(c.get("seeds", [0])),
                               config, runtime))
+    name = str(data.get("name", Path(source).stem))
+    check_sbatch_value("job name", f"dc-{name}")  # the suite's jobs are named after it
     known_res = set(Resources.__dataclass_fields__)
     res = dict(data.get("resources", {}))
     if set(res) - known_res:
         raise UserError(f"suite {source}: unknown [resources] keys {sorted(set(res) - known_res)};"
                         f" known: {', '.join(sorted(known_res))}.")
-    return Suite(name=str(data.get("name", Path(source).stem)), cells=tuple(cells),
+    return Suite(name=name, cells=tuple(cells),
                  datasets=dict(data.get("datasets", {})), embedded=dict(data.get("embedded", {})),
                  resources=res, runtime=_runtime_of(data.get("runtime", {}),
                                                     f"suite {source}: [runtime]"),

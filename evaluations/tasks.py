@@ -13,7 +13,7 @@ from typing import Any, Callable
 from dcbench.core import UserError
 from slurm.launch import Resources
 
-from . import fc_retrain, linear
+from . import fc_retrain, linear, voc_classification
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
                                    timeout_min=72 * 60),
         "Supplementary table: fc6-8 retrained on frozen conv layers (ImageNet Acc@1)",
         lambda cfg, role: [f"{role}/acc1"]),
+    "voc_classification": TaskDef(
+        "voc_classification", "voc", voc_classification.VocClassificationConfig,
+        voc_classification.run, ("voc07",), "dc2018",
+        Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=24 * 60),
+        "Table 2: Pascal VOC07 classification, fc6-8 or all (sklearn AP, 10 random crops)",
+        lambda cfg, role: [f"classification/{cfg.mode}"]),
 })
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dcbench.core import UserError, resolve_device
 
-from . import records
+from . import claims, records
 from .context import TaskContext
 from .records import CellFile, Failure, Measurement, Record, stable_hash
 from .suites import Cell
@@ -131,16 +131,26 @@ def failure_of(cell: Cell, error: str, log_path: str | None, trace: str = "") ->
 
 
 def run_cell(cell: Cell) -> dict:
-    """Evaluate ``cell``, write its record file; return a summary."""
+    """Evaluate ``cell``, write its record file (or its failure file); return a summary.
+
+    The job takes the cell's claim while it runs. A stop (SIGINT, SystemExit) is not a
+    failure: it leaves neither a record nor a failure file, and the cell runs again later.
+    """
     results, ck_id = Path(cell.results), cell.checkpoint.id
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("cell %s on %s", cell.key, cell.checkpoint.path)
+    claim = claims.claim_path(results, ck_id, cell.key)
+    claims.hand_over(claim, job_id() if os.environ.get("SLURM_JOB_ID") else None)
     try:
         recs = _execute(cell)
+        path = records.write_cell(results, ck_id, CellFile(cell.key, cell.task, tuple(recs)))
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException as e:
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         records.write_failure(results, ck_id, failure_of(cell, msg, job_log(),
                                                          traceback.format_exc()))
         raise
-    path = records.write_cell(results, ck_id, CellFile(cell.key, cell.task, tuple(recs)))
+    finally:
+        claims.release(claim)  # after the record: no moment with neither
     return {"key": cell.key, "path": str(path), "n_records": len(recs)}

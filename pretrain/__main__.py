@@ -34,10 +34,11 @@ HELP = {
     "reassign": "sampler length as a multiple of N (paper 1)",
     "epochs": "epochs, one clustering each (paper 500)",
     "batch_size": "batch size (paper 256)",
-    "lr": "body learning rate, constant (paper 0.05)",
+    "lr": "body learning rate, constant (paper 0.05 at batch 256; default 0.05 x batch/256)",
     "momentum": "body SGD momentum (paper 0.9)",
     "weight_decay": "body weight decay (paper 1e-5)",
-    "head_lr": "per-epoch head learning rate, momentum 0 (paper 0.05)",
+    "head_lr": "per-epoch head learning rate, momentum 0 (paper 0.05; default 0.05 x "
+               "batch/256)",
     "head_weight_decay": "per-epoch head weight decay (paper 1e-5)",
     "input_size": "crop size (paper 224)",
     "resize_size": "resize before the centre crop of feature extraction (paper 256)",
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     for f in fields(PretrainConfig):
+        if f.name not in HELP:  # derived, not a flag (lr_rule)
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
+    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if f.name in HELP}
     try:
         from .train import run  # torch import deferred so --help is instant
 

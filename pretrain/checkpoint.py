@@ -36,10 +36,34 @@ FORMAT = "dcbench/1"
 OPTIONAL_BUFFER = ".num_batches_tracked"  # absent from files of PyTorch < 0.4.1
 
 
+class _WriteErrors:
+    """A file wrapper that remembers the OSError a write raised: torch.save reports a full disk
+    as a bare RuntimeError ("unexpected pos ...") once its writer notices."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through the one atomic writer."""
+    """``torch.save`` through the one atomic writer (a full disk is one clear error)."""
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
 
 
 def to_released_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,6 +155,9 @@ def read_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict:
                         "(ours from `python -m pretrain`, or the authors' released one).")
     try:
         obj = _load(path, weights_only=True)
+    except PermissionError:
+        raise UserError(f"cannot read checkpoint {path}: permission denied. Fix its "
+                        "permissions, or ask its owner for a readable copy.") from None
     except pickle.UnpicklingError as e:
         if "Unsupported" not in str(e):  # cut short or garbled, not a forbidden object
             raise _unreadable(path, e) from None

@@ -51,6 +51,10 @@ DEFAULT_CHUNK_ELEMS = 1 << 25
 CUDA_CHUNK_ELEMS = 1 << 28
 """The k-means default on CUDA (1 GiB fp32 blocks: fewer, larger matrix products)."""
 
+class FeatureCollapse(UserError):
+    """The features cannot be clustered: non-finite, or spanning fewer dims than the PCA."""
+
+
 NAN_MESSAGE = (
     "features contain NaN/inf: the network diverged; lower the learning rate "
     "(--lr) or check the input data"
@@ -84,7 +88,7 @@ def _check_finite(t: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> No
     step = _chunk_rows(t.shape[1], chunk_elems)
     for s in range(0, t.shape[0], step):
         if not bool(torch.isfinite(t[s : s + step]).all()):
-            raise UserError(NAN_MESSAGE)
+            raise FeatureCollapse(NAN_MESSAGE)
 
 
 # --------------------------------------------------------------------------- PCA
@@ -104,6 +108,7 @@ class PCAWhitening:
     mean: torch.Tensor  # float64 [d]
     projection: torch.Tensor  # float64 [d, dim]
     eigenvalues: torch.Tensor  # float64 [dim]
+    effective_rank: float = float("nan")  # exp(entropy) of the whole normalised spectrum
 
     def transform(self, x: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
         """Project, whiten and L2-normalise the rows of ``x``; float32 on ``x``'s device."""
@@ -149,7 +154,7 @@ def fit_pca_whitening(
     for s in range(0, n, step):
         chunk = t[s : s + step]
         if not bool(torch.isfinite(chunk).all()):
-            raise UserError(NAN_MESSAGE)
+            raise FeatureCollapse(NAN_MESSAGE)
         total += chunk.to(torch.float64).sum(dim=0)
     mean = total / n
     scatter = torch.zeros((d, d), dtype=torch.float64, device=t.device)
@@ -160,19 +165,32 @@ def fit_pca_whitening(
         else:
             scatter += (xc.T @ xc).to(torch.float64)
     evals, evecs = torch.linalg.eigh(scatter)  # ascending
+    rank = effective_rank(evals)
     # numerical rank tolerance, as numpy.linalg.matrix_rank: below it an eigenvalue is noise
     tol = float(evals[-1].clamp_min(0)) * d * torch.finfo(torch.float64).eps
     evals = evals.flip(0)[:dim]
     evecs = evecs.flip(1)[:, :dim]
     if not float(evals[-1]) > tol:
-        raise UserError(
+        raise FeatureCollapse(
             f"the features span fewer than {dim} dimensions (eigenvalue {float(evals[-1]):.3g} "
-            f"of component {dim}, largest {float(evals[0]):.3g}): the representation "
-            "collapsed; lower the PCA dimension or check the network"
+            f"of component {dim}, largest {float(evals[0]):.3g}, effective rank {rank:.1f}): "
+            "the representation collapsed"
         )
     signs = torch.sign(evecs.gather(0, evecs.abs().argmax(dim=0, keepdim=True)))
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
-    return PCAWhitening(mean=mean, projection=evecs * evals.rsqrt(), eigenvalues=evals)
+    return PCAWhitening(mean=mean, projection=evecs * evals.rsqrt(), eigenvalues=evals,
+                        effective_rank=rank)
+
+
+def effective_rank(eigenvalues: torch.Tensor) -> float:
+    """exp(entropy) of the eigenvalue distribution (Roy & Vetterli 2007): d for a white
+    spectrum, 1 when one direction holds all the variance."""
+    lam = eigenvalues.clamp_min(0).to(torch.float64)
+    total = float(lam.sum())
+    if not total > 0:
+        return 0.0
+    p = lam[lam > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def pca_whiten_l2(

@@ -1,11 +1,13 @@
 """Pretraining configuration: the dataclass defaults ARE the paper's protocol (PROTOCOLS.md §1)."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from types import MappingProxyType
 
-from dcbench.core import UserError
+from dcbench.core import UserError, check_number
+
+PAPER_LR, PAPER_BATCH = 0.05, 256
+LR_RULE = f"{PAPER_LR} x batch / {PAPER_BATCH} (linear scaling from the paper's {PAPER_LR} at batch {PAPER_BATCH})"
 
 
 # smallest crop each network accepts: AlexNet's three 3x3/2 max-pools after the 11x11/4 conv1
@@ -35,11 +37,12 @@ class PretrainConfig:
     # optimisation
     epochs: int = 500
     batch_size: int = 256
-    lr: float = 0.05
+    lr: float = PAPER_LR  # presets: LR_RULE unless --lr is given
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    head_lr: float = 0.05
+    head_lr: float = PAPER_LR  # presets: LR_RULE unless --head-lr is given
     head_weight_decay: float = 1e-5
+    lr_rule: str = "given"  # how lr / head_lr were chosen (recorded)
     # images
     input_size: int = 224  # RandomResizedCrop / CenterCrop size
     resize_size: int = 256  # Resize before the centre crop of feature extraction
@@ -78,9 +81,13 @@ class PretrainConfig:
         if self.pca_dim > self.fc_dim and self.arch != "resnet50":
             raise UserError(f"--pca-dim {self.pca_dim} exceeds the feature width --fc-dim "
                             f"{self.fc_dim}; lower --pca-dim.")
-        if not (0 < self.lr < math.inf and 0 < self.head_lr < math.inf):
-            raise UserError(f"--lr and --head-lr must be finite and > 0 (got {self.lr}, "
-                            f"{self.head_lr}).")
+        for name in ("lr", "head_lr"):
+            check_number("pretraining", f"--{name.replace('_', '-')}", getattr(self, name),
+                         above=0, maximum=10)
+        check_number("pretraining", "--momentum", self.momentum, minimum=0, below=1)
+        for name in ("weight_decay", "head_weight_decay"):
+            check_number("pretraining", f"--{name.replace('_', '-')}", getattr(self, name),
+                         minimum=0, maximum=1)
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0 (got {self.workers}).")
         if self.kmeans_backend not in ("auto", "faiss", "torch"):
@@ -101,8 +108,9 @@ PRESETS: MappingProxyType = MappingProxyType({
     # PROTOCOLS.md §1 exactly.
     "paper": {},
     # Minutes on 2 CPU cores: Fashion-MNIST at 64 px, narrower fc, k = 10 x classes, batch 64
-    # (batch 32 at lr 0.05 collapsed). 10 epochs of 10k images (~1,560 steps): shorter runs
-    # (6k x 8) did not lift conv3/conv4 above a random network (ENVIRONMENT.md: steps matter).
+    # and so lr 0.0125 by LR_RULE (the paper's 0.05 at a quarter of its batch collapsed on
+    # other small datasets). 10 epochs of 10k images (~1,560 steps): shorter runs (6k x 8)
+    # did not lift conv3/conv4 above a random network (ENVIRONMENT.md: steps matter).
     "demo": dict(dataset="fashion-mnist", subset=10_000, fc_dim=1024, k=100, pca_dim=64,
                  epochs=10, batch_size=64, input_size=64, resize_size=72, workers=0,
                  seed=31),
@@ -110,7 +118,8 @@ PRESETS: MappingProxyType = MappingProxyType({
 
 
 def preset_config(name: str, **overrides) -> PretrainConfig:
-    """The preset ``name`` with ``overrides`` (None values ignored) applied."""
+    """The preset ``name`` with ``overrides`` (None values ignored) applied. ``lr`` and
+    ``head_lr`` follow :data:`LR_RULE` from the batch size unless given."""
     if name not in PRESETS:
         raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}.")
     known = {f.name for f in fields(PretrainConfig)}
@@ -118,4 +127,9 @@ def preset_config(name: str, **overrides) -> PretrainConfig:
     if "data" in overrides and overrides["data"] is not None:
         base.pop("dataset", None)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    batch = base.get("batch_size", PretrainConfig.batch_size)
+    scaled = [k for k in ("lr", "head_lr") if k not in base]
+    if scaled and isinstance(batch, int) and batch > 0:
+        base.update({k: PAPER_LR * batch / PAPER_BATCH for k in scaled})
+        base["lr_rule"] = f"{', '.join(scaled)} = {LR_RULE}"
     return replace(PretrainConfig(), **base)

@@ -6,6 +6,8 @@ JPEGs and PNGs named ``.JPEG``. Grey Fashion-MNIST is replicated to 3 channels.
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dcbench.core import UserError
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -26,14 +30,32 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Scale images deeper than 8 bits to 0..255 instead of letting PIL saturate them:
+    16-bit integers (modes ``I;16*``, and ``I`` holding 0..65535) by 255/65535; float images
+    (``F``) as [0, 1] when their maximum is <= 1, else as [0, 255]; both clipped."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+    else:
+        return im
+    return Image.fromarray(np.rint(np.clip(np.nan_to_num(a), 0, 255)).astype(np.uint8), "L")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image of any format/mode as RGB; a corrupt file is one clear UserError."""
+    """Open an image of any format/mode as RGB (:func:`to_8bit` first); a missing, unreadable
+    or corrupt file is one clear UserError."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_8bit(im).convert("RGB")
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}. Check the dataset root and the "
                         "split/list files that name it.") from None
+    except PermissionError:
+        raise UserError(f"cannot read image {path}: permission denied. Fix its permissions "
+                        "or ask its owner.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot decode image {path} ({e}). The file is corrupt or not an "
                         "image: re-extract it from the archive or delete it.") from None
@@ -55,20 +77,52 @@ def scan_image_folder(root: str | Path, what: str = "image folder"
 
     Classes are the sorted sub-folder names (ImageNet: sorted wnids, n01440764 -> 0). A flat
     folder (images directly in ``root``, no sub-folders) gives unlabeled samples (label -1).
-    Extensions are matched case-insensitively.
+    Extensions are matched case-insensitively. Symlinked folders are followed when they lead
+    out of ``root`` (data kept elsewhere); one leading back into ``root`` (a loop, or a class
+    linked under another) is skipped with a warning, so no image is read twice.
     """
     expected = "an ImageFolder tree <root>/<class>/<image>.JPEG (or a flat folder of images)"
     root = require_dir(root, what, expected)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    inside = [c for c in classes if (root / c).is_symlink()
+              and _within((root / c).resolve(), root.resolve())]
+    for c in inside:
+        log.warning("skipped class folder %s: a symlink to %s inside %s", root / c,
+                    (root / c).resolve(), root)
+    classes = [c for c in classes if c not in inside]
     if classes:
         samples = [(p, ci) for ci, c in enumerate(classes)
-                   for p in sorted((root / c).rglob("*")) if p.is_file() and is_image_file(p)]
+                   for p in _image_files(root / c, root.resolve())]
     else:
         samples = [(p, -1) for p in sorted(root.iterdir()) if p.is_file() and is_image_file(p)]
     if not samples:
         raise UserError(f"{what} {root} contains no images (extensions {', '.join(IMG_EXTENSIONS)})."
                         f" Expected {expected}.")
     return samples, classes
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    """Image files under ``folder``, sorted, following symlinked folders that lead out of
+    ``root`` (each real folder once) and skipping those that lead back into it."""
+    out, seen = [], {folder.resolve()}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            p = Path(dirpath) / d
+            real = p.resolve()
+            if real in seen or (p.is_symlink() and _within(real, root)):
+                log.warning("skipped %s: a symlink to %s, already read (a loop or a duplicate)",
+                            p, real)
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        out += [Path(dirpath) / f for f in filenames if is_image_file(Path(f))]
+    return sorted(out)
 
 
 def read_idx(path: str | Path) -> np.ndarray:

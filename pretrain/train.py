@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from dcbench.core import (EnumeratedSampler, SeededDraws, UserError, atomic_write,
                           atomic_write_json, check_finite_loss, derive_seed, eval_transform,
-                          resolve_device, train_transform)
+                          remove_stale_temps, resolve_device, take, train_transform,
+                          write_error)
 
 from . import clustering
 from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
@@ -37,6 +39,11 @@ from .sampler import make_sampler
 
 log = logging.getLogger(__name__)
 FEATURE_BATCH = 256  # eval-mode extraction: per-image results, so only speed depends on it
+LOCK = ".lock"  # held by the process training in a run folder
+# Collapse warning: eigenvalue --pca-dim of the features' spectrum fell below this share of the
+# largest (benchmarks/bench_collapse.py, demo preset: runs that went on training stayed above
+# 5e-6; a run that collapsed at epoch 4 was at 2.6e-6 at epoch 2; the PCA fails near 1e-13)
+COLLAPSE_WARNING_TAIL = 3e-6
 
 
 def load_pretrain_data(cfg: PretrainConfig):
@@ -180,23 +187,82 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     out = Path(out).expanduser()
     device = resolve_device(cfg.device)
     make_ds, labels, desc = load_pretrain_data(cfg)
-    ds_train, ds_eval = make_ds(train_transform(cfg.input_size)), make_ds(
-        eval_transform(cfg.resize_size, cfg.input_size))
-    n = len(ds_eval)
+    data = (make_ds(train_transform(cfg.input_size)),
+            make_ds(eval_transform(cfg.resize_size, cfg.input_size)), labels)
+    n = len(data[1])
     if cfg.k > n:
         raise UserError(f"--k {cfg.k} is larger than the number of images N={n} in {desc}; "
                         "lower --k (the paper uses k = 10,000 for 1.28M images).")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run (it is created "
                         "if missing).")
-    if not resume and (out / "checkpoint.pth").exists():
-        raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume to continue "
-                        "it, or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
+    with run_lock(out):
+        remove_stale_temps(out)
+        if not resume and (out / "checkpoint.pth").exists():
+            raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume to "
+                            "continue it, or choose another --out.")
+        log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, lr %g (%s), device %s",
+                 desc, n, cfg.arch, cfg.sobel, cfg.k, cfg.lr, cfg.lr_rule, device)
+        return _train(cfg, out, resume, data, device)
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold ``out/.lock`` (pid, host) for the run: a second process on the same folder is one
+    clear error; a lock left by a dead process of this host is reported and taken over."""
+    path = out / LOCK
+    owner = take(path)
+    if owner is not None and owner.alive() is False:
+        log.warning("removing the stale lock %s of %s (that process no longer runs)", path,
+                    owner.describe())
+        path.unlink(missing_ok=True)
+        owner = take(path)
+    if owner is not None:
+        raise UserError(f"run folder {out} is in use by {owner.describe()} (lock {path}). Wait "
+                        "for that run to end or use another --out; if no such process runs "
+                        f"any more (its machine went down), delete {path}.")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def feature_health(feats: np.ndarray, pca: clustering.PCAWhitening) -> dict:
+    """Per-epoch signs of a collapsing representation: feature norms and the effective rank
+    of the feature spectrum (both fall sharply before the PCA can no longer be fitted)."""
+    norms = np.linalg.norm(feats, axis=1)
+    ev = pca.eigenvalues
+    return {"norm_mean": round(float(norms.mean()), 4), "norm_std": round(float(norms.std()), 4),
+            "effective_rank": round(pca.effective_rank, 2),
+            "tail_ratio": float(f"{float(ev[-1] / ev[0]):.3g}")}
+
+
+def _collapse_advice(cfg: PretrainConfig, epoch: int, out: Path) -> str:
+    return (f"at epoch {epoch} (features of the network trained for {epoch} epoch(s)): lower "
+            f"--lr (now {cfg.lr}: {cfg.lr_rule}; e.g. --lr {cfg.lr / 4:g}) and start a new run "
+            f"in another --out: the weights saved in {out} already produce these features")
+
+
+def _nonfinite(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Names of parameters, buffers and momentum buffers holding NaN or inf."""
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    for group in opt.state.values():
+        bad += [f"optimizer.{k}" for k, v in group.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return bad
+
+
+def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device) -> Path:
+    ds_train, ds_eval, labels = data
+    n = len(ds_eval)
     backend = cfg.kmeans_backend
     if backend == "auto":
         backend = "faiss" if "faiss" in clustering.available_backends() else "torch"
-
     torch.manual_seed(cfg.seed)
     model = build_model(ModelSpec(cfg.arch, cfg.sobel, cfg.fc_dim, None)).to(device)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -206,8 +272,6 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     assignments.truncate(state.epoch)
     _truncate_log(out / "log.jsonl", state.epoch)
     atomic_write_json(out / "config.json", cfg.to_dict())
-    log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, epochs %d..%d, device %s, k-means %s",
-             desc, n, cfg.arch, cfg.sobel, cfg.k, state.epoch, cfg.epochs - 1, device, backend)
     prev = state.prev_assign
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, epoch))
@@ -215,7 +279,17 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
         feats = extract_features(model, ds_eval, max(cfg.batch_size, FEATURE_BATCH), cfg.workers,
                                  device, desc=f"features {epoch}")
         t["features"] = time.perf_counter()
-        x = clustering.pca_whiten_l2(feats, cfg.pca_dim)
+        try:
+            pca = clustering.fit_pca_whitening(feats, cfg.pca_dim)
+        except clustering.FeatureCollapse as e:
+            raise UserError(f"{e}: {_collapse_advice(cfg, epoch, out)}.") from None
+        health = feature_health(feats, pca)
+        if health["tail_ratio"] < COLLAPSE_WARNING_TAIL:
+            log.warning("epoch %d: eigenvalue %d of the features is only %.2g of the largest "
+                        "(effective rank %.1f): the representation may be collapsing; if the "
+                        "next epochs fail, %s", epoch, cfg.pca_dim, health["tail_ratio"],
+                        health["effective_rank"], _collapse_advice(cfg, epoch, out))
+        x = pca.transform(torch.from_numpy(feats)).numpy()
         t["pca"] = time.perf_counter()
         km = clustering.kmeans(x, cfg.k, niter=cfg.kmeans_iters,
                                seed=derive_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
@@ -235,6 +309,14 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
                                    weight_decay=cfg.head_weight_decay)
         train_loss = _train_epoch(model, loader, opt, head_opt, device, epoch)
         t["train"] = time.perf_counter()
+        bad = _nonfinite(model, opt)
+        if bad:  # never let a broken state replace the last good checkpoint
+            kept = (f"the checkpoint of epoch {epoch} in {out} is intact: continue it with "
+                    f"--resume and a lower --lr" if epoch > 0 else
+                    "no checkpoint was written: rerun with a lower --lr")
+            raise UserError(f"after the last step of epoch {epoch} the network holds NaN/inf "
+                            f"({len(bad)} tensors, e.g. {bad[0]}): training diverged (--lr "
+                            f"{cfg.lr}, --momentum {cfg.momentum}); {kept} (now {cfg.lr}).")
 
         sizes = np.bincount(assign, minlength=cfg.k)
         row = {
@@ -246,6 +328,7 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
             "empty_clusters": int((sizes == 0).sum()), "empty_splits": int(km.empty_splits),
             "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)),
                              "max": int(sizes.max())},
+            "features": health,
             "seconds": {k: round(t[k] - t[p], 3) for p, k in
                         zip(["start", "features", "pca", "kmeans"],
                             ["features", "pca", "kmeans", "train"])}
@@ -254,17 +337,21 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
                           "train": round(len(sampler) / max(t["train"] - t["kmeans"], 1e-9), 1)},
         }
         # log first, checkpoint last: a crash in between is undone by _truncate_log on resume
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise write_error(out / "log.jsonl", e) from None
         atomic_torch_save({
             "format": FORMAT, "epoch": epoch + 1, "arch": cfg.arch,
             "state_dict": to_released_keys(model.state_dict()), "optimizer": opt.state_dict(),
             "config": cfg.to_dict(), "k": cfg.k, "sobel": cfg.sobel, "fc_dim": cfg.fc_dim,
             "assign": torch.from_numpy(assign.astype(np.int32)),
         }, out / "checkpoint.pth")
-        log.info("epoch %d: nmi_prev %s nmi_labels %s kmeans %.4g loss %.4f empty %d (%.1fs)",
-                 epoch, _fmt(row["nmi_prev"]), _fmt(row["nmi_labels"]), row["kmeans_loss"],
-                 train_loss, row["empty_clusters"], row["seconds"]["total"])
+        log.info("epoch %d: nmi_prev %s nmi_labels %s kmeans %.4g loss %.4f empty %d eff.rank "
+                 "%.1f (%.1fs)", epoch, _fmt(row["nmi_prev"]), _fmt(row["nmi_labels"]),
+                 row["kmeans_loss"], train_loss, row["empty_clusters"],
+                 health["effective_rank"], row["seconds"]["total"])
         prev = assign
     return out / "checkpoint.pth"
 

@@ -22,10 +22,14 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -67,6 +71,8 @@ class Resources:
                     f"Resources.{name} = {value!r} is invalid: it must be a number "
                     f"{'> 0' if name == 'mem_gb' else f'>= {minimum}'}."
                 )
+        check_sbatch_value("partition", self.partition)
+        check_sbatch_value("constraint", self.constraint)
 
     def key(self) -> str:
         """A stable, readable key: equal for cells that can share one job array."""
@@ -89,8 +95,32 @@ class SuiteExecutor(submitit.AutoExecutor):
         self.resources = resources
 
 
+_SAFE = {"job name": r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}",
+         "partition": r"[A-Za-z0-9_.,-]+",
+         "constraint": r"[A-Za-z0-9_.,&|!()*\[\]:-]+"}
+
+
+def check_sbatch_value(what: str, value: str | None) -> None:
+    """One UserError for a string that would reach a generated sbatch script and could break
+    out of its line (newlines, ``#SBATCH`` lines, quotes, spaces)."""
+    if value is None:
+        return
+    if what in _SAFE:
+        ok = re.fullmatch(_SAFE[what], value) is not None
+    else:  # paths: anything printable
+        ok = value.isprintable()
+    if not ok:
+        raise UserError(f"{what} {value!r} cannot go into a SLURM batch script: "
+                        + ("use letters, digits and . _ + - only." if what == "job name" else
+                           "it holds a newline or another character sbatch cannot take."))
+
+
 def make_executor(kind: str, folder: Path, resources: Resources, name: str) -> SuiteExecutor:
     """An executor of ``kind`` (slurm | local | debug) whose job logs go to ``folder/%j``."""
+    check_sbatch_value("job name", name)
+    check_sbatch_value("partition", resources.partition)
+    check_sbatch_value("constraint", resources.constraint)
+    check_sbatch_value("log folder", str(folder))
     if kind not in EXECUTOR_KINDS:
         raise UserError(f"Unknown executor '{kind}': choose one of {', '.join(EXECUTOR_KINDS)}.")
     if kind == "slurm" and shutil.which("sbatch") is None:
@@ -146,20 +176,72 @@ def submit_array(
     if len(arity) != 1 or 0 in arity:
         raise ValueError(f"submit_array needs argument tuples of one non-zero length, got {sorted(arity)}")
     resources = getattr(executor, "resources", None)
-    if getattr(executor, "kind", None) == "local" and resources is not None:
+    local = getattr(executor, "kind", None) == "local"
+    if local and resources is not None:
         limit = resources.local_parallelism()
         if limit < len(calls):
             return _LocalQueue(executor, fn, calls, limit).jobs
     jobs: list[submitit.Job[R] | QueuedJob] = []
     for start in range(0, len(calls), MAX_ARRAY_SIZE):
         chunk = calls[start : start + MAX_ARRAY_SIZE]
-        jobs.extend(executor.map_array(fn, *zip(*chunk)))
+        with _children_ignore_sigint(local):
+            jobs.extend(executor.map_array(fn, *zip(*chunk)))
     log.info("Submitted %d job(s) of %s to %s", len(jobs), _name(fn), type(executor).__name__)
     return jobs
 
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+@contextmanager
+def _children_ignore_sigint(active: bool):
+    """Start local jobs with SIGINT ignored (inherited across exec): a Ctrl-C in the terminal
+    then reaches the submitting process only, which stops its jobs itself
+    (:func:`kill_local_jobs`), instead of every job printing its own traceback."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields_ = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields_[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    order, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        order.append(p)
+        todo += children.get(p, [])
+    return order[::-1]
+
+
+def kill_local_jobs(jobs: Iterable[Any]) -> None:
+    """Stop local jobs now: queued ones never start; started ones are killed with their whole
+    process tree (SIGKILL: a job killed so writes neither a result nor a record)."""
+    for job in jobs:
+        if isinstance(job, QueuedJob) and job.job is None:
+            job.cancel()
+            continue
+        process = getattr(getattr(job, "job", job), "_process", None)
+        if process is None or process.poll() is not None:
+            continue
+        for pid in _process_tree(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
 
 
 class _LocalQueue:
@@ -186,7 +268,8 @@ class _LocalQueue:
             index, self._next = self._next, self._next + 1
             if index in self.cancelled:
                 continue
-            self.started[index] = self._executor.submit(self._fn, *self._calls[index])
+            with _children_ignore_sigint(True):
+                self.started[index] = self._executor.submit(self._fn, *self._calls[index])
             running += 1
 
 
@@ -384,17 +467,24 @@ def error_summary(error: BaseException | None) -> str:
 def _left_slurm_queue(jobs: Iterable[Any]) -> set[str]:
     """Ids of SLURM jobs (array elements included) that squeue no longer lists."""
     ids = {job.job_id for job in jobs if isinstance(job, SlurmJob)}
+    active = active_slurm_jobs(ids) if ids else set()
+    return set() if active is None else ids - active
+
+
+def active_slurm_jobs(job_ids: Iterable[str]) -> set[str] | None:
+    """Which of ``job_ids`` (``<id>`` or ``<array>_<index>``) squeue lists as queued or
+    running; None when squeue is unavailable or fails (the caller cannot tell)."""
+    ids = set(job_ids)
     if not ids or shutil.which("squeue") is None:
-        return set()
+        return None if ids else set()
     command = ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        return set()
+        return None
     if result.returncode != 0:
-        return set()
-    listed = set(result.stdout.split())
-    return {job_id for job_id in ids if job_id not in listed}
+        return None
+    return ids & set(result.stdout.split())
 
 
 # ----------------------------------------------------------------------------- requeue

@@ -24,6 +24,7 @@ from evaluations.records import (
     CorruptRecord,
     Failure,
     iter_results_files,
+    read_labels,
     read_results_file,
 )
 from dcbench.core import UserError
@@ -66,7 +67,7 @@ def _ckpt_fields(ckpt: object, path: Path) -> tuple[str, str, int | None]:
     return label, cid, int(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else None
 
 
-def _record_rows(cell: CellFile, path: Path) -> list[dict]:
+def _record_rows(cell: CellFile, path: Path, labels: dict[str, str]) -> list[dict]:
     rows = []
     for i, r in enumerate(cell.records):
         value = float(r.value)
@@ -74,6 +75,7 @@ def _record_rows(cell: CellFile, path: Path) -> list[dict]:
             log.warning("skipped record %d of %s: value %r is not finite", i, path, r.value)
             continue
         label, cid, k = _ckpt_fields(r.checkpoint, path)
+        label = labels.get(cid, label)
         rows.append({
             "table": str(r.table), "column": str(r.column),
             "protocol": str(r.protocol), "selection": str(r.selection or ""),
@@ -84,12 +86,13 @@ def _record_rows(cell: CellFile, path: Path) -> list[dict]:
     return rows
 
 
-def _failure_rows(f: Failure, path: Path) -> list[dict]:
+def _failure_rows(f: Failure, path: Path, labels: dict[str, str]) -> list[dict]:
     if f.table not in SPECS:
         log.warning("skipped failure file %s: table %r is not a paper table (%s)", path, f.table,
                     ", ".join(SPECS))
         return []
     label, cid, _ = _ckpt_fields(f.checkpoint, path)
+    label = labels.get(cid, label)
     error = f.error.strip().splitlines()
     return [{"table": f.table, "column": col, "protocol": f.protocol, "ckpt_label": label,
              "ckpt_id": cid, "error": error[-1] if error else "", "file": str(path)}
@@ -97,7 +100,9 @@ def _failure_rows(f: Failure, path: Path) -> list[dict]:
 
 
 def load_results(root: Path | str) -> Results:
-    """Read every cell and failure file under ``root`` (``<root>/<ckpt-id>/*.json``).
+    """Read every cell and failure file under ``root`` (``<root>/<ckpt-id>/*.json``). A
+    checkpoint's rows carry its current label (``.checkpoint.json``, written by run_all) when
+    there is one, else the label stored in its records.
 
     Raises :class:`UserError` when the folder is missing, holds no result files, or holds
     only corrupt ones.
@@ -118,6 +123,7 @@ def load_results(root: Path | str) -> Results:
     records: list[dict] = []
     failures: list[dict] = []
     corrupt: list[str] = []
+    labels = read_labels(root)  # the current label of each checkpoint (run_all writes it)
     for path in files:
         try:
             obj = read_results_file(path)
@@ -126,9 +132,9 @@ def load_results(root: Path | str) -> Results:
             corrupt.append(str(path))
             continue
         if isinstance(obj, CellFile):
-            records.extend(_record_rows(obj, path))
+            records.extend(_record_rows(obj, path, labels))
         else:
-            failures.extend(_failure_rows(obj, path))
+            failures.extend(_failure_rows(obj, path, labels))
     if not records and not failures:
         raise UserError(f"results folder {root} holds no readable records ({len(corrupt)} "
                         f"corrupt file(s) skipped, see the warnings above): {RUN_ALL_HINT}")

@@ -67,6 +67,12 @@ def read_pretrain_log(path: Path | str) -> pd.DataFrame:
     return df.sort_values("epoch").drop_duplicates("epoch", keep="last")
 
 
+def _literal(label: str) -> str:
+    """A label shown as written: ``$`` would start matplotlib mathtext (where ``_`` and ``^``
+    are sub/superscripts); escaped, the text is plain."""
+    return str(label).replace("$", r"\$")
+
+
 def _run_name(path: Path) -> str:
     path = Path(path)
     return path.name if path.is_dir() else path.parent.name or path.stem
@@ -99,9 +105,9 @@ def nmi_plot(logs: Sequence[Path]) -> Figure:
         a = df.dropna(subset=["nmi_labels"])
         b = df.dropna(subset=["nmi_prev"])
         if len(a):
-            ax_a.plot(a["epoch"], a["nmi_labels"], marker=".", label=name)
+            ax_a.plot(a["epoch"], a["nmi_labels"], marker=".", label=_literal(name))
         if len(b):
-            ax_b.plot(b["epoch"], b["nmi_prev"], marker=".", label=name)
+            ax_b.plot(b["epoch"], b["nmi_prev"], marker=".", label=_literal(name))
     for ax, title in ((ax_a, "(a) NMI(clusters, labels)"), (ax_b, "(b) NMI(t-1, t)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel("NMI")
@@ -133,7 +139,7 @@ def per_layer_plot(col: Collated) -> Figure:
             cells = [r.cells[f"{dset}/{c}"] for c in layers]
             ys = [c.mean if c.mean is not None else float("nan") for c in cells]
             errs = [c.std or 0.0 for c in cells]
-            ax.errorbar(x, ys, yerr=errs, marker="s", capsize=3, label=r.label)
+            ax.errorbar(x, ys, yerr=errs, marker="s", capsize=3, label=_literal(r.label))
         ax.set_xticks(x, layers)
         ax.set_title(f"{title} linear probes")
         ax.set_ylabel("top-1 (%)")
@@ -171,7 +177,7 @@ def k_ablation_plot(ylabel: str, stats: pd.DataFrame) -> Figure:
     ax = fig.subplots()
     for column, g in stats.groupby("column", sort=True):
         ax.errorbar(g["ckpt_k"], g["mean"], yerr=g["std"].fillna(0.0), marker="o",
-                    capsize=3, label=column)
+                    capsize=3, label=_literal(column))
     ax.set_xscale("log")
     ax.set_xlabel("number of clusters k")
     ax.set_ylabel(ylabel)

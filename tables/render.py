@@ -73,6 +73,12 @@ def latex_escape(s: str) -> str:
     return "".join(_LATEX.get(ch, ch) for ch in s)
 
 
+def beyond_pdflatex(text: str) -> list[str]:
+    """Characters of ``text`` that pdflatex cannot typeset from UTF-8 input with T1 fonts:
+    everything non-ASCII outside Latin-1 and Latin Extended-A that we do not map."""
+    return sorted({ch for ch in text if ord(ch) > 0x17F and ch not in _LATEX})
+
+
 def _latex_header(view: TableView) -> list[str]:
     spec = view.spec
     lead = ["Method", *spec.row_attrs]
@@ -116,7 +122,15 @@ def to_latex(view: TableView) -> str:
             cells.append(rf"\textbf{{{t}}}" if i in best[j] else t)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    extra = beyond_pdflatex(text)
+    if extra:
+        note = (f"labels of table {spec.id} hold characters pdflatex cannot typeset "
+                f"({' '.join(extra[:10])}): compile with xelatex or lualatex (with fontspec and a "
+                "font that has them), or give the checkpoints other --label")
+        log.warning(note)
+        text = f"% {note}\n" + text
+    return text
 
 
 # --------------------------------------------------------------------------- CSV

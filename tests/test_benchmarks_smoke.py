@@ -36,6 +36,10 @@ def test_benchmark_runner_quick(tmp_path):
     assert agree["pca_max_abs_diff_after_sign_alignment"] < 1e-3  # torch PCA == faiss PCA
     km = agree["kmeans torch-cpu vs faiss"]
     assert km["same_assignment_fraction"] > 0.95 and km["loss_rel_diff"] < 1e-3, km
+    for mode in ("fc6-8", "all"):
+        voc = res["bench_voc"][mode]
+        assert voc["cell_vs_model"] == pytest.approx(
+            voc["cell_img_per_s"] / voc["model_img_per_s"], rel=0.02)
     tab = res["bench_tables"]
     assert tab["records"] == 500 and tab["files"] == 100  # 5 records per cell file
     assert tab["records_per_s"] == pytest.approx(

@@ -34,7 +34,8 @@ TINY = dict(dataset="fashion-mnist", subset=N, k=K, pca_dim=16, fc_dim=FC, input
             resize_size=72, batch_size=32, workers=0, epochs=EPOCHS, device="cpu")
 CLI_FLAGS = ["--dataset", "fashion-mnist", "--subset", str(N), "--k", str(K), "--pca-dim", "16",
              "--fc-dim", str(FC), "--input-size", "64", "--resize-size", "72",
-             "--batch-size", "32", "--workers", "0", "--epochs", str(EPOCHS), "--device", "cpu"]
+             "--batch-size", "32", "--workers", "0", "--epochs", str(EPOCHS), "--device", "cpu",
+             "--lr", "0.05", "--head-lr", "0.05"]  # as TINY (the CLI's default follows the batch)
 LOG_KEYS = {"epoch", "nmi_prev", "nmi_labels", "kmeans_loss", "train_loss", "empty_clusters",
             "seconds"}
 TIMING_KEYS = ("seconds", "img_per_s")

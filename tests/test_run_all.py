@@ -73,7 +73,7 @@ def run_all(env, *args, results=None, extra_env=None, timeout=600):
 
 
 def cell_files(results: Path) -> list[Path]:
-    return sorted(p for p in results.glob("*/*.json") if not p.name.endswith(".failed.json"))
+    return [p for p in records.iter_results_files(results) if not p.name.endswith(".failed.json")]
 
 
 def test_records_then_second_run_skips_everything(env, tmp_path):

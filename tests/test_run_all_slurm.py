@@ -43,6 +43,15 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
     reason=f"needs {INSTALL_HINT} and dataset-fashion-mnist")]
 
 
+def run_all_command(cluster, tmp: Path, ckpt: Path, results: Path) -> tuple[dict, list]:
+    """The environment (this checkout importable by the jobs) and run_all's command line."""
+    env = {**os.environ, **cluster.env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return env, [sys.executable, "-m", "evaluations.run_all", "--ckpt", str(ckpt), "--suite",
+                 str(tmp / "suite.toml"), "--executor", "slurm", "--results", str(results),
+                 "--cache", str(tmp / "cache")]
+
+
 def test_run_all_submits_an_array_to_slurm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runall_slurm")
     ckpt = tmp / "released.pth"
@@ -52,11 +61,7 @@ def test_run_all_submits_an_array_to_slurm(tmp_path_factory):
     (tmp / "gpu.toml").write_text(SUITE.format(gpus=1))
     results = tmp / "results"
     with LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=700000) as cluster:
-        env = {**os.environ, **cluster.env,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        cmd = [sys.executable, "-m", "evaluations.run_all", "--ckpt", str(ckpt), "--suite",
-               str(tmp / "suite.toml"), "--executor", "slurm", "--results", str(results),
-               "--cache", str(tmp / "cache")]
+        env, cmd = run_all_command(cluster, tmp, ckpt, results)
         dry = subprocess.run(cmd + ["--dry-run"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
         assert dry.returncode == 0, dry.stderr[-2000:]
@@ -76,3 +81,60 @@ def test_run_all_submits_an_array_to_slurm(tmp_path_factory):
     # one array: job ids <array>_<index> with a common array id
     assert len(job_ids) == 2 and len({j.split("_")[0] for j in job_ids}) == 1
     assert all(j.split("_")[0].isdigit() and int(j.split("_")[0]) >= 700000 for j in job_ids)
+
+
+def test_arrays_outlive_run_all_and_a_rerun_neither_resubmits_nor_waits(tmp_path_factory):
+    """SIGTERM run_all once its array is queued: the jobs go on. A rerun at once sees the cells
+    claimed by live SLURM jobs and returns (exit 3) without submitting; once the jobs ended, a
+    rerun finds every record."""
+    import json
+    import signal
+    import time
+
+    tmp = tmp_path_factory.mktemp("outlive")
+    ckpt = tmp / "released.pth"
+    load_fixture_module("legacy_checkpoints.py", "legacy_checkpoints_fixture"
+                        ).write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=None)
+    (tmp / "suite.toml").write_text(SUITE.format(gpus=0).replace("epochs = 1", "epochs = 40"))
+    results = tmp / "results"
+    with LocalSlurm(tmp_path_factory.mktemp("slurm2"), first_job_id=800000) as cluster:
+        env, cmd = run_all_command(cluster, tmp, ckpt, results)
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+
+        def claimed_jobs():
+            out = []
+            for p in results.glob("*/*.claim"):
+                try:
+                    out.append(json.loads(p.read_text()).get("job"))
+                except (OSError, ValueError):
+                    return []
+            return [j for j in out if j]
+
+        deadline = time.time() + 300
+        while len(claimed_jobs()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        jobs = set(claimed_jobs())
+        assert len(jobs) == 2, "the array's job ids should be in the claims"
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 143, err[-2000:]
+        assert "go on as SLURM jobs" in out and "Traceback" not in err
+        logs_before = sorted(p.name for p in (results / "_logs").iterdir())
+        again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=300)
+        # 40 epochs outlast the rerun: the cells are left to their live jobs
+        assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
+        assert "SLURM job" in again.stdout and "0 done" in again.stdout, again.stdout
+        assert sorted(p.name for p in (results / "_logs").iterdir()) == logs_before  # no resubmit
+        deadline = time.time() + 600
+        while subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                             text=True).stdout.strip() and time.time() < deadline:
+            time.sleep(1)
+        last = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert last.returncode == 0 and "0 done, 2 skipped" in last.stdout, last.stdout
+    job_ids = {r.job_id for f in results.glob("*/linear-*.json")
+               for r in records.read_results_file(f).records}
+    assert {j.split("_")[0] for j in job_ids} == {j.split("_")[0] for j in jobs}
+    assert not list(results.glob("*/*.claim"))

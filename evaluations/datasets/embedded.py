@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
-from dcbench.core import UserError, atomic_write
+from dcbench.core import UserError, atomic_write, pid_alive
 
 from .common import write_datasets_file
 
@@ -54,9 +54,16 @@ FORMAT_VERSION = 1
 MARKER = ".embedded-complete.json"
 TMP_PREFIX = ".tmp."
 STALE_AFTER_S = 24 * 3600
-ROLES = ("imagenet", "places")
+ROLES = ("imagenet", "places", "voc07", "voc12")
 DATASET_NAMES = MappingProxyType({"imagenet": "embedded/fashion-mnist",
-                                  "places": "embedded/sklearn-digits"})
+                                  "places": "embedded/sklearn-digits",
+                                  "voc07": "embedded/voc2007", "voc12": "embedded/voc2012"})
+# the build parameters each role depends on (its folder's key hashes these only)
+ROLE_PARAMS = MappingProxyType({
+    "imagenet": ("n_train_per_class", "n_val_per_class", "size"),
+    "places": ("n_train_per_class", "n_val_per_class", "size"),
+    "voc07": ("voc_trainval", "voc_test", "voc_size"),
+    "voc12": ("voc_trainval", "voc_size")})
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -68,22 +75,36 @@ DIGITS_MIN_PER_CLASS = 174  # images of digit 8, the rarest class of load_digits
 
 @dataclass(frozen=True)
 class BuildParams:
-    """Everything that determines the bytes of one built role."""
+    """Everything that determines the bytes of one built role (each role reads the fields
+    :data:`ROLE_PARAMS` names; VOC sizes: images per split, and the image side)."""
 
     role: str
-    n_train_per_class: int
-    n_val_per_class: int
-    size: int | None
+    n_train_per_class: int = 100
+    n_val_per_class: int = 50
+    size: int | None = None
+    voc_trainval: int = 800  # VOC2007 trainval / VOC2012 train+val images
+    voc_test: int = 400  # VOC2007 test images
+    voc_size: int = 128
     version: int = FORMAT_VERSION
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        relevant = {k: getattr(self, k) for k in ("role", *ROLE_PARAMS.get(self.role, ()),
+                                                  "version")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def build_embedded(cache_dir: Path, n_train_per_class: int, n_val_per_class: int,
-                   size: int | None = None) -> dict[str, Path]:
-    """Build (once) every role of the embedded suite under ``cache_dir``; roots by role."""
-    params = [BuildParams(role, n_train_per_class, n_val_per_class, size) for role in ROLES]
+def build_embedded(cache_dir: Path, n_train_per_class: int = 100, n_val_per_class: int = 50,
+                   size: int | None = None, roles: tuple[str, ...] = ("imagenet", "places"),
+                   **voc: int) -> dict[str, Path]:
+    """Build (once) the ``roles`` of the embedded suite under ``cache_dir``; roots by role.
+    ``voc``: ``voc_trainval``, ``voc_test``, ``voc_size`` for the VOC roles."""
+    unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size"})
+    if unknown:
+        raise UserError(f"embedded suite: unknown setting(s) {unknown}; known: "
+                        "n_train_per_class, n_val_per_class, size, voc_trainval, voc_test, "
+                        "voc_size.")
+    params = [BuildParams(role, n_train_per_class, n_val_per_class, size, **voc)
+              for role in roles]
     for p in params:  # all parameter errors before anything is built
         _validate(p)
     return {p.role: build_role(cache_dir, p) for p in params}
@@ -155,7 +176,7 @@ def clean_stale_temps(cache_dir: Path) -> list[Path]:
         except OSError:
             continue
         dead = (len(parts) == 4 and parts[3] == socket.gethostname() and parts[1].isdigit()
-                and not _pid_alive(int(parts[1])))
+                and not pid_alive(int(parts[1])))
         if dead or old:
             log.info("removing stale temporary build %s", p)
             shutil.rmtree(p, ignore_errors=True)
@@ -207,8 +228,18 @@ def _build_places(root: Path, params: BuildParams) -> None:
         (split_dir / f"{split}_places205.csv").write_text("".join(f"{s}\n" for s in sorted(ls)))
 
 
+def _build_voc(year: int) -> Callable[[Path, BuildParams], None]:
+    def build(root: Path, params: BuildParams) -> None:
+        from .embedded_voc import build_voc
+
+        build_voc(root, year, params.voc_trainval, params.voc_test if year == 2007 else 0,
+                  params.voc_size, seed=0)
+    return build
+
+
 _BUILDERS: Mapping[str, Callable[[Path, BuildParams], None]] = MappingProxyType(
-    {"imagenet": _build_imagenet, "places": _build_places})
+    {"imagenet": _build_imagenet, "places": _build_places, "voc07": _build_voc(2007),
+     "voc12": _build_voc(2012)})
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -246,6 +277,12 @@ def _progress(idx: np.ndarray, desc: str):
 def _validate(p: BuildParams) -> None:
     if p.role not in _BUILDERS:
         raise UserError(f"unknown embedded dataset role {p.role!r}; use one of {ROLES}.")
+    if p.role.startswith("voc"):
+        for name in ("voc_trainval", "voc_test", "voc_size"):
+            v = getattr(p, name)
+            if not isinstance(v, int) or v < (1 if name != "voc_test" else 0):
+                raise UserError(f"embedded suite: {name} must be a positive integer, got {v!r}.")
+        return
     for name in ("n_train_per_class", "n_val_per_class"):
         v = getattr(p, name)
         if not isinstance(v, int) or v < 1:
@@ -262,13 +299,3 @@ def _validate(p: BuildParams) -> None:
 def _tmp_path(cache_dir: Path, name: str) -> Path:
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
     return cache_dir / f"{TMP_PREFIX}{name}.{tag}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

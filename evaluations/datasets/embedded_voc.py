@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from dcbench.core import UserError, atomic_write, derive_seed
+from dcbench.core import UserError, derive_seed
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
 
 from .voc import NUM_CLASSES, VOC_CLASSES, VOID, YEARS, voc_colormap, write_mask
@@ -157,12 +157,12 @@ def build_voc(root: Path, year: int, n_trainval: int | None = None, n_test: int 
         labels[image_id] = _file_labels(scene.objects)
     for split, members in splits.items():
         for task in ("Main", "Segmentation"):
-            atomic_write(year_root / "ImageSets" / task / f"{split}.txt",
+            _write(year_root / "ImageSets" / task / f"{split}.txt",
                          "".join(f"{i}\n" for i in members))
         for c, cls in enumerate(VOC_CLASSES):
-            atomic_write(year_root / "ImageSets" / "Main" / f"{cls}_{split}.txt",
+            _write(year_root / "ImageSets" / "Main" / f"{cls}_{split}.txt",
                          "".join(f"{i} {labels[i][c]:2d}\n" for i in members))
-    atomic_write(year_root / "class_sources.txt", class_sources_text())
+    _write(year_root / "class_sources.txt", class_sources_text())
     log.info("embedded VOC%d: %d images (%s) in %s, %.1f s", year, len(ids),
              ", ".join(f"{s} {len(m)}" for s, m in splits.items()), year_root,
              time.perf_counter() - t0)
@@ -369,8 +369,14 @@ def _write_image(year_root: Path, year: int, image_id: str, scene: Scene,
     size = scene.image.shape[0]
     Image.fromarray(scene.image).save(year_root / "JPEGImages" / f"{image_id}.jpg",
                                       format="JPEG", quality=JPEG_QUALITY)
-    atomic_write(year_root / "Annotations" / f"{image_id}.xml",
+    _write(year_root / "Annotations" / f"{image_id}.xml",
                  annotation_xml(year, image_id, size, scene.objects))
     cls_mask, obj_mask = masks(scene, size)
     write_mask(year_root / "SegmentationClass" / f"{image_id}.png", cls_mask, palette)
     write_mask(year_root / "SegmentationObject" / f"{image_id}.png", obj_mask, palette)
+
+
+def _write(path: Path, text: str) -> None:
+    """Plain writes: the whole tree is built in a temp folder that its caller renames into
+    place at the end (``embedded.build_role``), so no single file needs its own atomicity."""
+    path.write_text(text, encoding="utf-8")
