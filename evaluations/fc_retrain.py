@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcbench.core import UserError
+from dcbench.core import UserError, check_number
 
 from .backbone import frozen_backbone
 from .context import TaskContext
@@ -35,8 +35,11 @@ class FcRetrainConfig:
     resize_size: int = 256
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise UserError("fc_retrain: epochs and batch_size must be >= 1 and lr > 0.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("fc_retrain: epochs and batch_size must be >= 1.")
+        check_number("fc_retrain", "lr", self.lr, above=0, maximum=10)
+        check_number("fc_retrain", "momentum", self.momentum, minimum=0, below=1)
+        check_number("fc_retrain", "weight_decay", self.weight_decay, minimum=0, maximum=1)
         if not 0 <= self.dropout < 1:
             raise UserError(f"fc_retrain: dropout must be in [0, 1) (got {self.dropout}).")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcbench.core import UserError
+from dcbench.core import UserError, check_number
 from pretrain.models import CONV_TAPS, TapNet
 
 from .backbone import frozen_backbone
@@ -47,9 +47,13 @@ class LinearProbeConfig:
         if not self.layers or bad:
             raise UserError(f"linear probe: layers must be a non-empty subset of "
                             f"{', '.join(CONV_TAPS)} (got {list(self.layers)}).")
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise UserError(f"linear probe: lrs must list one or more positive learning rates "
-                            f"(got {list(self.lrs)}).")
+        if not self.lrs:
+            raise UserError("linear probe: lrs must list one or more positive learning rates "
+                            "(got []).")
+        for lr in self.lrs:
+            check_number("linear probe", "each of lrs", lr, above=0, maximum=10)
+        check_number("linear probe", "momentum", self.momentum, minimum=0, below=1)
+        check_number("linear probe", "weight_decay", self.weight_decay, minimum=0, maximum=1)
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("linear probe: epochs and batch_size must be >= 1.")
 

@@ -133,7 +133,10 @@ def test_bad_probe_config_in_a_suite_is_one_clear_error():
     from dcbench.core import UserError
 
     for config, needle in (({"lrs": []}, "lrs"), ({"layers": ["conv6"]}, "conv6"),
-                           ({"lrs": [-0.1]}, "lrs"), ({"epochs": 0}, "epochs")):
+                           ({"lrs": [-0.1]}, "lrs"), ({"epochs": 0}, "epochs"),
+                           ({"lrs": [float("inf")]}, "lrs"),
+                           ({"momentum": float("nan")}, "momentum"),
+                           ({"weight_decay": -1.0}, "weight_decay")):
         with pytest.raises(UserError, match=needle):
             parse_suite({"cell": [{"task": "linear", "datasets": ["imagenet"],
                                    "config": config}]}, "t.toml")
