@@ -163,8 +163,10 @@ def read_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict:
             raise _unreadable(path, e) from None
         if not trust_pickle:
             what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
-            raise UserError(f"checkpoint {path} holds Python objects beyond tensors and plain "
-                            f"containers ({what[:160]}), so the safe loader refuses it. "
+            raise UserError(f"checkpoint {path} holds pickle content that the safe loader "
+                            f"(torch.load weights_only=True) does not read ({what[:160]}): "
+                            "Python objects other than tensors and plain containers, or old "
+                            "opcodes such as Python 2's INT for 64-bit numbers. "
                             f"{TRUST_HINT}") from None
         try:
             obj = _load(path, weights_only=False)
