@@ -331,9 +331,13 @@ class SeededDraws:
         import torch
 
         draw, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, self.epoch, draw))
+        gen = torch.default_generator  # the CPU RNG the transforms draw from
+        state = gen.get_state()
+        gen.manual_seed(derive_seed(self.seed, self.epoch, draw))
+        try:
             return self.dataset[index]
+        finally:
+            gen.set_state(state)
 
 
 class EnumeratedSampler:
