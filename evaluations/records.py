@@ -220,10 +220,11 @@ def write_failure(results: Path, ckpt_id: str, failure: Failure) -> Path:
     return atomic_write_json(failure_path(results, ckpt_id, failure.cell_key), failure.to_json())
 
 
-def is_done(results: Path, ckpt_id: str, cell_key: str) -> bool:
+def is_done(results: Path, ckpt_id: str, cell_key: str, repair: bool = True) -> bool:
     """True iff the cell's file parses and validates as this cell's records. Anything else
     under its name (cut short by a full disk, edited, foreign) is moved aside to
-    ``<name>.corrupt`` with a warning, so the cell is computed again."""
+    ``<name>.corrupt`` with a warning (unless ``repair`` is False), so the cell is computed
+    again."""
     path = cell_path(results, ckpt_id, cell_key)
     if not path.is_file():
         return False
@@ -234,6 +235,10 @@ def is_done(results: Path, ckpt_id: str, cell_key: str) -> bool:
         reason = "it is not a finished cell of this key"
     except CorruptRecord as e:
         reason = str(e)
+    if not repair:
+        log.warning("%s is not a valid cell file (%s): the cell would be computed again",
+                    path.name, reason)
+        return False
     aside = path.with_name(path.name + CORRUPT_SUFFIX)
     path.replace(aside)
     log.warning("moved %s aside to %s and will compute the cell again: %s", path.name,

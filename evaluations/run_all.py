@@ -223,7 +223,8 @@ def _main(args) -> int:
         for info in infos:
             remove_stale_temps(results / info.id)
             records.write_checkpoint_info(results, info)
-    done_keys = {c.key for c in cells if records.is_done(results, c.checkpoint.id, c.key)
+    done_keys = {c.key for c in cells
+                 if records.is_done(results, c.checkpoint.id, c.key, repair=not args.dry_run)
                  or (not args.dry_run and legacy.migrate(c))}
     skipped = [c for c in cells if c.key in done_keys]
     todo = [c for c in cells if c.key not in done_keys]
@@ -233,7 +234,10 @@ def _main(args) -> int:
     busy, mine = [], []
     for c in todo:
         why = claims.claim(claims.claim_path(results, c.checkpoint.id, c.key))
-        (busy if why else mine).append((c, why) if why else c)
+        if why:
+            busy.append((c, why))
+        else:
+            mine.append(c)
     out = _submit_and_wait(_groups(mine), results, executor_kind, suite.name)
     _summary(out, skipped, busy, time.perf_counter() - t0, results, executor_kind)
     if out.stopped is not None:
@@ -262,6 +266,7 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
     claim = {c.key: claims.claim_path(results, c.checkpoint.id, c.key)
              for cells in groups.values() for c in cells}
     finished: set[str] = set()
+    submitted: set[str] = set()
     try:
         for _, cells in groups.items():
             ex = make_executor(executor_kind, results / "_logs", cells[0].resources,
@@ -276,6 +281,7 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
                                 f"{r.partition}): {str(e).strip().splitlines()[-1]} Fix the "
                                 "suite's [resources] or pass --partition / --timeout-min.") from None
             jobs_all += list(zip(jobs, cells))
+            submitted.update(c.key for c in cells)
             if executor_kind == "slurm":
                 for job, c in zip(jobs, cells):
                     claims.set_job(claim[c.key], str(job.job_id))
@@ -309,9 +315,9 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
     except KeyboardInterrupt as e:
         out.stopped = e
         out.unfinished = _stop(jobs_all, finished, executor_kind)
-        for key, path in claim.items():  # SLURM jobs keep theirs: a rerun sees them alive
-            if key not in finished and not (executor_kind == "slurm" and
-                                             any(c.key == key for _, c in jobs_all)):
+    finally:  # whatever ended this: no claim outlives its cell, but a live SLURM job's
+        for key, path in claim.items():
+            if key not in finished and not (executor_kind == "slurm" and key in submitted):
                 claims.release(path)
     return out
 

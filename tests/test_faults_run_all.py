@@ -161,6 +161,9 @@ def test_truncated_cell_file_is_moved_aside_and_recomputed(env, tmp_path, clean)
     victim.write_text(victim.read_text()[:300])  # a write cut short
     stale = victim.parent / f".{victim.name}.{os.uname().nodename}.99999999.dead.tmp"
     stale.write_text("half")  # a temp file of a dead writer
+    dry = run_all(env, results, "quick.toml", "--dry-run")
+    assert "1 cell(s) to run, 3 already done" in dry.stdout, dry.stdout
+    assert victim.exists() and stale.exists()  # a dry run changes nothing
     p = run_all(env, results, "quick.toml", "--executor", "debug")
     assert p.returncode == 0 and "1 done, 3 skipped" in p.stdout, p.stdout
     assert "moved" in p.stderr and victim.name in p.stderr

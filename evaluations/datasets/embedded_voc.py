@@ -158,10 +158,10 @@ def build_voc(root: Path, year: int, n_trainval: int | None = None, n_test: int 
     for split, members in splits.items():
         for task in ("Main", "Segmentation"):
             _write(year_root / "ImageSets" / task / f"{split}.txt",
-                         "".join(f"{i}\n" for i in members))
+                   "".join(f"{i}\n" for i in members))
         for c, cls in enumerate(VOC_CLASSES):
             _write(year_root / "ImageSets" / "Main" / f"{cls}_{split}.txt",
-                         "".join(f"{i} {labels[i][c]:2d}\n" for i in members))
+                   "".join(f"{i} {labels[i][c]:2d}\n" for i in members))
     _write(year_root / "class_sources.txt", class_sources_text())
     log.info("embedded VOC%d: %d images (%s) in %s, %.1f s", year, len(ids),
              ", ".join(f"{s} {len(m)}" for s, m in splits.items()), year_root,
@@ -370,7 +370,7 @@ def _write_image(year_root: Path, year: int, image_id: str, scene: Scene,
     Image.fromarray(scene.image).save(year_root / "JPEGImages" / f"{image_id}.jpg",
                                       format="JPEG", quality=JPEG_QUALITY)
     _write(year_root / "Annotations" / f"{image_id}.xml",
-                 annotation_xml(year, image_id, size, scene.objects))
+           annotation_xml(year, image_id, size, scene.objects))
     cls_mask, obj_mask = masks(scene, size)
     write_mask(year_root / "SegmentationClass" / f"{image_id}.png", cls_mask, palette)
     write_mask(year_root / "SegmentationObject" / f"{image_id}.png", obj_mask, palette)
