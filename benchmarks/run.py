@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import platform
 import sys
@@ -16,8 +15,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from dcbench.core import atomic_write_json  # noqa: E402
 BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_tables",
-           "bench_voc")
+           "bench_voc", "bench_voc_dense")
 
 
 def _load(name: str):
@@ -45,7 +47,7 @@ def main() -> int:
             results[name] = mod.main(["--records", "500", "--repeat", "1"] if args.quick else [])
             continue
         results[name] = mod.run(quick=args.quick)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_json(args.out, results)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -8,7 +8,7 @@ so changing them never reruns a cell. Random augmentations are seeded per draw
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +61,4 @@ class TaskContext:
     runtime: Runtime
     device: Any  # torch.device, resolved from runtime.device
     state_dir: Path  # where a long task may keep its own training state (resume)
+    extra_roots: dict[str, Path] = field(default_factory=dict)  # other roles it reads (sbd)

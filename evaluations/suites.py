@@ -91,6 +91,7 @@ class Cell:
     runtime: Runtime
     results: str
     columns: tuple[str, ...] = ()
+    extra_roots: tuple[tuple[str, str], ...] = ()  # (role, root) of other datasets it reads
 
     @property
     def recipe(self) -> dict:
@@ -98,10 +99,12 @@ class Cell:
 
 
 def cell_key(task: str, role: str, root: str, protocol: str, recipe: dict, sha256: str,
-             seed: int) -> str:
+             seed: int, extra_roots: tuple[tuple[str, str], ...] = ()) -> str:
     """``<task>-<role>-s<seed>-<hash>`` of everything that can change the cell's numbers."""
     ident = {"task": task, "dataset": role, "root": root, "protocol": protocol,
              "config": recipe, "checkpoint": sha256, "seed": seed}
+    if extra_roots:  # only then: the keys of every other cell stay what they were
+        ident["extra_roots"] = [list(r) for r in extra_roots]
     return f"{task}-{role}-s{seed}-{stable_hash(ident)}"
 
 
@@ -199,19 +202,31 @@ def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str
             cfg = resolve_config(task, spec.config)
             res = replace(task.resources, **{**suite.resources, **resource_overrides})
             runtime = Runtime(**{**suite.runtime, **spec.runtime, **runtime_overrides})
+            if ck.arch not in task.archs:
+                raise UserError(f"task {task.name} needs a network with fc6/fc7 "
+                                f"({' or '.join(task.archs)}), but checkpoint {ck.path} holds a "
+                                f"{ck.arch}. Leave the task out (--tasks) or evaluate an "
+                                f"{' or '.join(task.archs)} checkpoint.")
+            extra = tuple((r, str(Path(roots[r]).resolve())) for r in task.extra_roles(cfg))
             for role in spec.datasets:
                 root = str(Path(roots[role]).resolve())
                 for seed in spec.seeds:
                     key = cell_key(task.name, role, root, task.protocol, asdict(cfg),
-                                   ck.sha256, seed)
+                                   ck.sha256, seed, extra)
                     cells.append(Cell(key=key, task=task.name, table=task.table, dataset=role,
                                       data_root=root, dataset_name=names[role],
                                       protocol=task.protocol, seed=seed, config=cfg,
                                       checkpoint=ck, resources=res, runtime=runtime,
                                       results=str(results),
-                                      columns=tuple(task.columns(cfg, role))))
+                                      columns=tuple(task.columns(cfg, role)),
+                                      extra_roots=extra))
     return cells
 
 
 def needed_roles(suite: Suite) -> list[str]:
-    return sorted({r for c in suite.cells for r in c.datasets})
+    """The dataset roles the suite's cells read (their own and, e.g., SBD for train_aug)."""
+    roles = set()
+    for c in suite.cells:
+        task = get_task(c.task)
+        roles.update(c.datasets, task.extra_roles(resolve_config(task, c.config)))
+    return sorted(roles)

@@ -13,7 +13,8 @@ from typing import Any, Callable
 from dcbench.core import UserError
 from slurm.launch import Resources
 
-from . import fc_retrain, linear, voc_classification
+from . import fc_retrain, linear, voc_classification, voc_detection, voc_segmentation
+from .finetune import FC_ARCHS
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class TaskDef:
     resources: Resources  # at paper scale (one array task)
     description: str
     columns: Callable[[Any, str], list[str]]  # (config, dataset role) -> table columns it fills
+    archs: tuple[str, ...] = ("alexnet", "vgg16", "resnet50")  # networks it can evaluate
+    extra_roles: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # other roles it reads
 
 
 TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
@@ -46,7 +49,21 @@ TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
         voc_classification.run, ("voc07",), "dc2018",
         Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=24 * 60),
         "Table 2: Pascal VOC07 classification, fc6-8 or all (sklearn AP, 10 random crops)",
-        lambda cfg, role: [f"classification/{cfg.mode}"]),
+        lambda cfg, role: [f"classification/{cfg.mode}"], FC_ARCHS),
+    "voc_detection": TaskDef(
+        "voc_detection", "voc", voc_detection.VocDetectionConfig, voc_detection.run,
+        ("voc07",), "dc2018-reimpl",
+        Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=24 * 60),
+        "Table 2: Pascal VOC07 detection, fc6-8 or all (torchvision two-stage detector with "
+        "the checkpoint's fc6/fc7 as box head; VOC07 11-point AP)",
+        lambda cfg, role: [f"detection/{cfg.mode}"], FC_ARCHS),
+    "voc_segmentation": TaskDef(
+        "voc_segmentation", "voc", voc_segmentation.VocSegmentationConfig, voc_segmentation.run,
+        ("voc12",), "dc2018-reimpl",
+        Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=24 * 60),
+        "Table 2: Pascal VOC12 segmentation, fc6-8 or all (FCN-32s from fc6/fc7; mIoU)",
+        lambda cfg, role: [f"segmentation/{cfg.mode}"], FC_ARCHS,
+        voc_segmentation.extra_roles),
 })
 
 

@@ -18,12 +18,9 @@ fails loudly otherwise.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,9 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from dcbench.core import (IMAGENET_MEAN, IMAGENET_STD, SeededDraws, UserError, check_finite_loss,
-                          check_number, derive_seed)
-from pretrain.checkpoint import atomic_torch_save
+from dcbench.core import IMAGENET_MEAN, IMAGENET_STD, SeededDraws, UserError, derive_seed
 from pretrain.data import loader_batches
 from pretrain.models import TapNet
 
@@ -42,6 +37,8 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import NUM_CLASSES, VOC_CLASSES, VocClassification
+from .finetune import (STATE_FILE, check_frozen, check_recipe, clear_state, fc_layers,
+                       freeze_batchnorm, frozen_fingerprint, set_trainable, train_iterations)
 from .metrics import classification_map
 from .records import Measurement
 
@@ -49,7 +46,6 @@ log = logging.getLogger(__name__)
 MODES = ("fc6-8", "all")
 PAPER_LR = {"fc6-8": 0.003, "all": 0.001}
 PAPER_LR_STEP = {"fc6-8": 5_000, "all": 20_000}
-STATE_FILE = "train_state.pth"
 
 
 @dataclass(frozen=True)
@@ -78,20 +74,17 @@ class VocClassificationConfig:
 
     def __post_init__(self):
         where = "voc_classification"
-        if self.mode not in MODES:
-            raise UserError(f"{where}: mode must be one of {MODES} (got {self.mode!r}).")
+        check_recipe(where, self, MODES, ints=("iterations", "batch_size", "input_size",
+                                               "test_crops"),
+                     numbers=(("lr", {"above": 0, "maximum": 10}),
+                              ("momentum", {"minimum": 0, "below": 1}),
+                              ("weight_decay", {"minimum": 0, "maximum": 1}),
+                              ("grad_clip", {"above": 0}),
+                              ("lr_gamma", {"above": 0, "maximum": 1}),
+                              ("init_std", {"above": 0}), ("init_bias", {})),
+                     splits=("train", "val", "trainval", "test"))
         if self.bn_affine_trainable and self.mode != "fc6-8":
             raise UserError(f"{where}: bn_affine_trainable applies to mode fc6-8 only.")
-        for name in ("iterations", "batch_size", "input_size", "test_crops"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"{where}: {name} must be an integer >= 1.")
-        for name, kw in (("lr", {"above": 0, "maximum": 10}), ("momentum", {"minimum": 0,
-                                                                             "below": 1}),
-                         ("weight_decay", {"minimum": 0, "maximum": 1}),
-                         ("grad_clip", {"above": 0}), ("lr_gamma", {"above": 0, "maximum": 1}),
-                         ("init_std", {"above": 0}), ("init_bias", {})):
-            if getattr(self, name) is not None:
-                check_number(where, name, getattr(self, name), **kw)
         if self.lr_step is not None and (not isinstance(self.lr_step, int) or self.lr_step < 1):
             raise UserError(f"{where}: lr_step must be an integer >= 1.")
         lo, hi = self.crop_scale
@@ -99,9 +92,6 @@ class VocClassificationConfig:
             raise UserError(f"{where}: crop_scale must satisfy 0 < min <= max <= 1.")
         if self.ap not in ("sklearn", "voc07", "voc10"):
             raise UserError(f"{where}: ap must be sklearn, voc07 or voc10 (got {self.ap!r}).")
-        splits = ("train", "val", "trainval", "test")
-        if self.train_split not in splits or self.test_split not in splits:
-            raise UserError(f"{where}: splits must be among {splits}.")
 
     @property
     def base_lr(self) -> float:
@@ -123,9 +113,7 @@ class VocNet(nn.Module):
 
     def __init__(self, trunk: TapNet, cfg: VocClassificationConfig, seed: int) -> None:
         super().__init__()
-        if trunk.spec.arch not in ("alexnet", "vgg16"):
-            raise UserError(f"voc_classification needs a network with fc6/fc7 (AlexNet or "
-                            f"VGG16); the checkpoint holds a {trunk.spec.arch}.")
+        fc_layers(trunk, "voc_classification")
         trunk.top_layer = None
         self.trunk = trunk
         self.fc8 = nn.Linear(trunk.spec.fc_dim, NUM_CLASSES)
@@ -134,10 +122,7 @@ class VocNet(nn.Module):
             for m in [*(m for m in trunk.classifier if isinstance(m, nn.Linear)), self.fc8]:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * cfg.init_std)
                 m.bias.fill_(cfg.init_bias)
-        for p in self.parameters():
-            p.requires_grad = False
-        for p in self.trained_parameters(cfg):
-            p.requires_grad = True
+        set_trainable(self, self.trained_parameters(cfg))
 
     def trained_parameters(self, cfg: VocClassificationConfig) -> list[nn.Parameter]:
         if cfg.mode == "all":
@@ -152,25 +137,11 @@ class VocNet(nn.Module):
     def train(self, mode: bool = True) -> "VocNet":
         """Dropout follows ``mode``; BatchNorm always uses its running statistics."""
         super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        freeze_batchnorm(self)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc8(self.trunk.forward_taps(x, ["fc7"])["fc7"])
-
-
-def frozen_fingerprint(net: VocNet) -> str:
-    """sha256 of every tensor that must not change: the untrained parameters and every
-    BatchNorm buffer (running mean/var, counts)."""
-    h = hashlib.sha256()
-    for name, t in sorted(net.state_dict(keep_vars=True).items()):
-        frozen = not (isinstance(t, nn.Parameter) and t.requires_grad)
-        if frozen:
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- data
@@ -193,32 +164,6 @@ class _RandomCrops:
         return torch.stack([self.crop(img) for _ in range(self.n)])
 
 
-class IterationSampler:
-    """``(draw, index)`` for draws ``start * batch .. iterations * batch - 1``: passes over the
-    data in an order fixed by ``(seed, pass)``, so any iteration can be resumed exactly."""
-
-    def __init__(self, n: int, batch: int, iterations: int, start: int, seed: int) -> None:
-        self.n, self.batch, self.seed = n, batch, seed
-        self.first, self.last = start * batch, iterations * batch
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def _index(self, draw: int) -> int:
-        epoch, pos = divmod(draw, self.n)
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng(derive_seed(self.seed, "voc-order", epoch))
-            self._order = (epoch, rng.permutation(self.n))
-        return int(self._order[1][pos])
-
-    def __iter__(self):
-        return ((d, self._index(d)) for d in range(self.first, self.last))
-
-    def __len__(self) -> int:
-        return self.last - self.first
-
-
-# --------------------------------------------------------------------------- training
-
-
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE on the non-ignored entries (target 1 / 0; -1 ignored), summed / batch size."""
     keep = (target >= 0).to(logits.dtype)
@@ -227,68 +172,17 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (per * keep).sum() / logits.shape[0]
 
 
-def _save_state(path: Path, it: int, net: VocNet, opt: torch.optim.Optimizer,
-                cfg: VocClassificationConfig) -> None:
-    trained = {n for n, p in net.named_parameters() if p.requires_grad}
-    atomic_torch_save({"iteration": it, "recipe": repr(cfg), "rng": torch.get_rng_state(),
-                       "params": {n: t for n, t in net.state_dict().items() if n in trained},
-                       "optimizer": opt.state_dict()}, path)
-
-
-def _load_state(path: Path, net: VocNet, opt: torch.optim.Optimizer,
-                cfg: VocClassificationConfig) -> int:
-    if not path.is_file():
-        return 0
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a state file cut short: start over
-        log.warning("ignored the unreadable training state %s (%s); starting over", path, e)
-        return 0
-    if st.get("recipe") != repr(cfg):
-        log.warning("ignored the training state %s of another recipe; starting over", path)
-        return 0
-    net.load_state_dict(st["params"], strict=False)
-    opt.load_state_dict(st["optimizer"])
-    torch.set_rng_state(st["rng"])
-    log.info("resuming %s at iteration %d", path.parent.name, st["iteration"])
-    return int(st["iteration"])
+def _batch_loss(net: "VocNet", batch) -> torch.Tensor:
+    x, y, _ = batch
+    device = next(net.parameters()).device
+    return _loss(net(x.to(device, non_blocking=True)), y.to(device))
 
 
 def train(net: VocNet, data: VocClassification, cfg: VocClassificationConfig,
           ctx: TaskContext) -> dict:
     """Train ``net`` on ``data`` to ``cfg.iterations``, resuming from the state folder."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    state = ctx.state_dir / STATE_FILE
-    torch.manual_seed(derive_seed(ctx.seed, "voc-dropout"))
-    start = _load_state(state, net, opt, cfg)
-    draws = SeededDraws(data, derive_seed(ctx.seed, "voc-crops"))
-    # its own generator: creating the loader must not draw from the RNG the dropout uses
-    loader = DataLoader(draws, batch_size=cfg.batch_size, num_workers=ctx.runtime.workers,
-                        sampler=IterationSampler(len(data), cfg.batch_size, cfg.iterations,
-                                                 start, ctx.seed),
-                        generator=torch.Generator().manual_seed(ctx.seed))
-    net.train()
-    t0, it, seen = time.perf_counter(), start, 0
-    for x, y, _ in tqdm(loader_batches(loader), total=len(loader), desc="voc train",
-                        leave=False, mininterval=2):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(it)
-        loss = _loss(net(x.to(ctx.device, non_blocking=True)), y.to(ctx.device))
-        check_finite_loss(loss.item(), f"VOC classification iteration {it}",
-                          f"lower the lr (now {cfg.lr_at(it):g}) in the suite's [cell.config]")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        it += 1
-        seen += len(y)
-        if it % ctx.runtime.save_every == 0 and it < cfg.iterations:
-            _save_state(state, it, net, opt, cfg)
-    seconds = time.perf_counter() - t0
-    return {"iterations": it, "resumed_from": start, "train_seconds": round(seconds, 2),
-            "train_img_per_s": round(seen / max(seconds, 1e-9), 1)}
+    return train_iterations(net, data, cfg, ctx, loss_of=_batch_loss, lr_at=cfg.lr_at,
+                            tag="voc", grad_clip=cfg.grad_clip)
 
 
 @torch.no_grad()
@@ -321,15 +215,10 @@ def run(cfg: VocClassificationConfig, ctx: TaskContext) -> list[Measurement]:
     test_data = VocClassification(ctx.data_root, cfg.test_split, year,
                                   _RandomCrops(crop, cfg.test_crops))
     info = train(net, train_data, cfg, ctx)
-    if frozen_fingerprint(net) != before:
-        raise RuntimeError("a frozen parameter or a BatchNorm buffer changed during VOC "
-                           "classification training: the numbers are invalid (a bug in the "
-                           "evaluation, or a network whose BatchNorm left eval mode)")
+    check_frozen(net, before, "VOC classification")
     scores = test_scores(net, test_data, cfg, ctx)
     mean_ap, aps = classification_map(test_data.labels, scores, cfg.ap)
-    (ctx.state_dir / STATE_FILE).unlink(missing_ok=True)
-    if ctx.state_dir.is_dir() and not any(ctx.state_dir.iterdir()):
-        ctx.state_dir.rmdir()
+    clear_state(ctx)
     per_class = {c: (None if math.isnan(a) else round(100 * float(a), 3))
                  for c, a in zip(VOC_CLASSES, aps)}
     details = {**info, "per_class_ap": per_class, "lr": cfg.base_lr, "lr_step": cfg.step,

@@ -119,7 +119,8 @@ def _execute(cell: Cell) -> list[Record]:
     torch.manual_seed(cell.seed)
     ctx = TaskContext(checkpoint=cell.checkpoint, dataset=cell.dataset,
                       data_root=Path(cell.data_root), seed=cell.seed, runtime=cell.runtime,
-                      device=device, state_dir=state_dir(cell))
+                      device=device, state_dir=state_dir(cell),
+                      extra_roots={r: Path(p) for r, p in cell.extra_roots})
     return make_records(cell, task.run(cell.config, ctx), started, t0, device)
 
 

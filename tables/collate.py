@@ -242,6 +242,23 @@ def filter_records(spec: TableSpec, records: pd.DataFrame, selection: str | None
     return df
 
 
+def merge_column_protocols(spec: TableSpec, df: pd.DataFrame) -> pd.DataFrame:
+    """In a table whose columns come from different protocols (and test variants), a record
+    made with its column's own protocol and variant gets protocol/variant "" so that one
+    checkpoint's columns share one row; any other record keeps its own row, labelled."""
+    if not spec.mixed_protocols or df.empty:
+        return df
+    df = df.copy()
+    cols = [spec.column(c) for c in df["column"]]
+    own = pd.Series([p == c.protocol for p, c in zip(df["protocol"], cols)], index=df.index)
+    df.loc[own, "protocol"] = ""
+    if "variant" in df:
+        same = pd.Series([c.variant is None or v == c.variant
+                          for v, c in zip(df["variant"], cols)], index=df.index)
+        df.loc[own & same, "variant"] = ""
+    return df
+
+
 def _warn_mixed_k(spec: TableSpec, df: pd.DataFrame) -> None:
     """Checkpoints of different k under one label would be averaged as if they were seeds."""
     ks = df.dropna(subset=["ckpt_k"]).groupby(GROUP_KEYS)["ckpt_k"].unique()
@@ -292,6 +309,7 @@ def collate_table(spec: TableSpec, results: Results, selection: str | None = DEF
 
     known = set(spec.protocols)
     unknown = sorted((set(df["protocol"]) | set(fail["protocol"])) - known)
+    df, fail = merge_column_protocols(spec, df), merge_column_protocols(spec, fail)
     if unknown:
         log.warning("%s: records of unknown protocol(s) %s are shown but are not the paper's "
                     "protocols (%s)", spec.id, unknown, ", ".join(spec.protocols))

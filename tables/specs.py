@@ -21,6 +21,7 @@ class ColumnSpec:
     sub: str
     metric: str
     protocol: str
+    variant: str | None = None  # the test variant its task writes, where fixed by the task
 
     @property
     def label(self) -> str:
@@ -47,6 +48,12 @@ class TableSpec:
     reference: tuple[str, tuple[tuple[str, str], ...]] = ("DeepCluster", ())
 
     @property
+    def mixed_protocols(self) -> bool:
+        """Columns fed by different protocols (the VOC table): a checkpoint's records made
+        as each column specifies share one row, whose label then names no protocol."""
+        return len({c.protocol for c in self.columns}) > 1
+
+    @property
     def column_keys(self) -> tuple[str, ...]:
         return tuple(c.key for c in self.columns)
 
@@ -64,11 +71,11 @@ def _t1_columns() -> tuple[ColumnSpec, ...]:
 
 
 def _voc_columns() -> tuple[ColumnSpec, ...]:
-    tasks = (("classification", "Classification", "mAP", "dc2018"),
-             ("detection", "Detection", "mAP", "dc2018-reimpl"),
-             ("segmentation", "Segmentation", "mIoU", "dc2018-reimpl"))
-    return tuple(ColumnSpec(f"{t}/{m}", g, m, metric, proto)
-                 for t, g, metric, proto in tasks for m in ("fc6-8", "all"))
+    tasks = (("classification", "Classification", "mAP", "dc2018", "10crops"),
+             ("detection", "Detection", "mAP", "dc2018-reimpl", "single-scale"),
+             ("segmentation", "Segmentation", "mIoU", "dc2018-reimpl", "single-scale"))
+    return tuple(ColumnSpec(f"{t}/{m}", g, m, metric, proto, variant)
+                 for t, g, metric, proto, variant in tasks for m in ("fc6-8", "all"))
 
 
 SPECS: dict[str, TableSpec] = {

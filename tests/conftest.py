@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# A shell that starts pytest in the background (``cmd &``) makes SIGINT ignored, and every
+# child inherits that: the Ctrl-C tests' processes would never see their SIGINT. Children of
+# a process with a Python handler get the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def load_fixture_module(relative: str, name: str):

@@ -40,6 +40,13 @@ def test_benchmark_runner_quick(tmp_path):
         voc = res["bench_voc"][mode]
         assert voc["cell_vs_model"] == pytest.approx(
             voc["cell_img_per_s"] / voc["model_img_per_s"], rel=0.02)
+    for task in ("detection", "segmentation"):
+        for mode in ("fc6-8", "all"):
+            d = res["bench_voc_dense"][f"{task}/{mode}"]
+            assert d["model_vs_backbone"] == pytest.approx(
+                d["model_img_per_s"] / d["backbone_img_per_s"], rel=0.02)
+            assert d["cell_vs_model"] == pytest.approx(
+                d["cell_img_per_s"] / d["model_img_per_s"], rel=0.02)
     tab = res["bench_tables"]
     assert tab["records"] == 500 and tab["files"] == 100  # 5 records per cell file
     assert tab["records_per_s"] == pytest.approx(

@@ -406,7 +406,9 @@ def test_demo_suite_on_a_released_checkpoint_as_published(env, tmp_path):
     p = run_all(env, "--suite", "demo", "--executor", "local", "--no-random-baseline",
                 results=res, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "5 done, 0 skipped" in p.stdout
+    assert "9 done, 0 skipped" in p.stdout
     cols = {r.column for f in cell_files(res) for r in records.read_results_file(f).records}
     assert cols == {*(f"{d}/conv{i}" for d in ("imagenet", "places") for i in range(1, 6)),
-                    "imagenet/acc1", "classification/fc6-8", "classification/all"}
+                    "imagenet/acc1", *(f"{t}/{m}" for t in ("classification", "detection",
+                                                            "segmentation")
+                                       for m in ("fc6-8", "all"))}

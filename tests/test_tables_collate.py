@@ -291,3 +291,30 @@ def test_failure_file_without_columns_is_skipped_with_a_warning(tmp_path, caplog
     assert str(bad) in caplog.text and "columns" in caplog.text
     assert [cells[f"places/conv{i}"].state for i in range(1, 6)] == ["missing"] * 5
     assert [cells[c].state for c in fx.IMAGENET] == ["ok"] * 5
+
+def test_voc_columns_of_their_own_protocols_share_one_row_others_keep_theirs(tmp_path):
+    """The VOC table's columns come from two protocols and two test variants: a checkpoint's
+    records made as their columns specify are one row; a record of another protocol or test
+    variant is a row of its own, labelled with them (never averaged with the others)."""
+    res = tmp_path / "results"
+    voc = SPECS["voc"]
+    rec = lambda col, v, **kw: fx.make_record("voc", col, v, selection="final", metric=(  # noqa: E731
+        "mIoU" if col.startswith("seg") else "mAP"), **kw)
+    fx.write(res, "cls", [rec("classification/fc6-8", 20.0, variant="10crops")])
+    fx.write(res, "det", [rec("detection/all", 30.0, protocol="dc2018-reimpl",
+                              variant="single-scale")])
+    fx.write(res, "seg", [rec("segmentation/all", 40.0, protocol="dc2018-reimpl",
+                              variant="single-scale")])
+    fx.write(res, "cls1", [rec("classification/all", 50.0, variant="1crop")])
+    fx.write(res, "det2", [rec("detection/fc6-8", 60.0, protocol="my-det",
+                               variant="single-scale")])
+    col = collate_table(voc, load_results(res))
+    by = {r.label: r for r in col.rows}
+    assert set(by) == {"DeepCluster (ours, demo) · final",
+                       "DeepCluster (ours, demo) · final · 1crop",
+                       "DeepCluster (ours, demo) · my-det · final · single-scale"}, set(by)
+    main_row = by["DeepCluster (ours, demo) · final"].cells
+    assert [main_row[c].text for c in voc.column_keys] == \
+        ["20.0", "missing", "missing", "30.0", "missing", "40.0"]
+    assert by["DeepCluster (ours, demo) · final · 1crop"].cells[
+        "classification/all"].text == "50.0"

@@ -13,7 +13,7 @@ from .places205 import places205_split
 
 READERS = MappingProxyType({"imagenet": imagenet_split, "places": places205_split})
 VOC_YEARS = MappingProxyType({"voc07": 2007, "voc12": 2012})
-ROLES = (*READERS, *VOC_YEARS)
+ROLES = (*READERS, *VOC_YEARS, "sbd")  # sbd: VOC2012 segmentation's train_aug (SBD's .mat files)
 
 
 def check_root(role: str, root: Path) -> None:
@@ -21,13 +21,21 @@ def check_root(role: str, root: Path) -> None:
     if role in READERS:
         READERS[role](root, "val")
         return
-    from .voc import VocClassification, check_labels_match_annotations, image_ids, voc_root
+    if role == "sbd":
+        from .sbd import sbd_ids
+
+        sbd_ids(root, "train")
+        sbd_ids(root, "val")
+        return
+    from .voc import (VocClassification, VocDetection, VocSegmentation,
+                      check_labels_match_annotations, voc_root)
 
     year_root = voc_root(root, VOC_YEARS[role])
     if role == "voc07":
         for split in ("trainval", "test"):
             check_labels_match_annotations(year_root, split)
             VocClassification(year_root, split, 2007)  # every listed image is there
+            VocDetection(year_root, split, 2007)  # objects and boxes a detector can use
     else:
-        image_ids(year_root, "train", "Segmentation")
-        image_ids(year_root, "val", "Segmentation")
+        for split in ("train", "val"):
+            VocSegmentation(year_root, split, 2012).check_sizes()

@@ -273,6 +273,24 @@ def read_annotation(xml_path: str | Path) -> Annotation:
     return Annotation(path.stem, width, height, tuple(objects))
 
 
+def check_detection_annotation(ann: Annotation, path: Path) -> None:
+    """What a detector cannot train or be scored on: an image without any object, a box with
+    no pixel inside the image. One UserError naming the file and the object."""
+    fix = ("Fix the file, or leave the image out of the ImageSets/Main split files (and the "
+           "per-class files).")
+    if not ann.objects:
+        raise UserError(f"VOC annotation {path} has no <object>: every Pascal VOC image holds "
+                        f"at least one object, so a detector has nothing to learn or find "
+                        f"there. {fix}")
+    for k, o in enumerate(ann.objects, 1):
+        x1, y1, x2, y2 = o.box
+        if x1 > ann.width or y1 > ann.height or x2 < 1 or y2 < 1:
+            raise UserError(f"VOC annotation {path}, object {k} ({o.name}): degenerate box "
+                            f"xmin={x1} ymin={y1} xmax={x2} ymax={y2} lies outside the "
+                            f"{ann.width}x{ann.height} image (coordinates are 1-based "
+                            f"pixels). {fix}")
+
+
 def _int(path: Path, parent: ET.Element, tag: str, where: str = "") -> int | None:
     """``int(float(text))`` of ``parent/<tag>``; None when the tag is absent."""
     text = parent.findtext(tag)
@@ -391,6 +409,8 @@ class VocDetection:
         raise_if_missing(xmls, listed_in,
                          f"Annotations are read from {self.root / 'Annotations'}. ")
         self.annotations = tuple(read_annotation(p) for p in xmls)
+        for ann, xml in zip(self.annotations, xmls):
+            check_detection_annotation(ann, xml)
         self.keep_difficult = keep_difficult
         self.paths = _image_paths(self.root, self.ids, listed_in)
         log.info("VOC%d detection %s: %d images, %d objects (root %s)", year, split,
@@ -436,12 +456,27 @@ class VocSegmentation:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _check_size(self, i: int, image: tuple[int, int], mask: tuple[int, int]) -> None:
+        """``image`` and ``mask`` as (width, height)."""
+        if image != mask:
+            raise UserError(f"VOC mask {self.mask_paths[i]} is {mask[0]}x{mask[1]} but its "
+                            f"image {self.paths[i]} is {image[0]}x{image[1]}. Re-extract both "
+                            "from the same archive.")
+
+    def check_sizes(self) -> None:
+        """Every mask has its image's size (read from the file headers only)."""
+        for i in range(len(self.ids)):
+            try:
+                with Image.open(self.paths[i]) as im, Image.open(self.mask_paths[i]) as m:
+                    image, mask = im.size, m.size
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"cannot read {self.paths[i]} or its mask {self.mask_paths[i]} "
+                                f"({e}). Re-extract both from the VOC archive.") from None
+            self._check_size(i, image, mask)
+
     def __getitem__(self, i: int):
         img, mask = load_rgb(self.paths[i]), read_mask(self.mask_paths[i])
-        if mask.shape != (img.height, img.width):
-            raise UserError(f"VOC mask {self.mask_paths[i]} is {mask.shape[1]}x{mask.shape[0]} "
-                            f"but its image {self.paths[i]} is {img.width}x{img.height}. "
-                            "Re-extract both from the same archive.")
+        self._check_size(i, img.size, (mask.shape[1], mask.shape[0]))
         if self.transforms:
             img, mask = self.transforms(img, mask)
         return img, mask, i
