@@ -41,6 +41,11 @@ from evaluations.finetune import train_iterations  # noqa: E402
 from pretrain.models import ModelSpec  # noqa: E402
 
 
+def _sig(x: float) -> float:
+    """Four significant digits (ratios recomputed from the printed numbers agree)."""
+    return float(f"{x:.4g}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,14 +125,14 @@ def run(quick: bool = False, iterations: int = 20, device: str = "auto", fc_dim:
                     step = lambda: F.cross_entropy(net(x), y, ignore_index=255)  # noqa: E731
                     cell = train_iterations(net, data, cfg_m, ctx, loss_of=vs._batch_loss,
                                             lr_at=lambda i: 1e-5, tag="bench")
-                model = timed_steps(step, list(net.parameters()), iterations, cfg_m.batch_size,
-                                    dev)
-                trunk = backbone_img_per_s(ctx, px, cfg_m.batch_size, iterations)
-                r = {"size": px, "batch": cfg_m.batch_size,
-                     "cell_img_per_s": cell["train_img_per_s"],
-                     "model_img_per_s": round(model, 1), "backbone_img_per_s": round(trunk, 1),
-                     "model_vs_backbone": round(model / trunk, 3),
-                     "cell_vs_model": round(cell["train_img_per_s"] / model, 3)}
+                model = _sig(timed_steps(step, list(net.parameters()), iterations,
+                                         cfg_m.batch_size, dev))
+                trunk = _sig(backbone_img_per_s(ctx, px, cfg_m.batch_size, iterations))
+                cell_ips = _sig(iterations * cfg_m.batch_size / cell["train_seconds"])
+                r = {"size": px, "batch": cfg_m.batch_size, "cell_img_per_s": cell_ips,
+                     "model_img_per_s": model, "backbone_img_per_s": trunk,
+                     "model_vs_backbone": _sig(model / trunk),
+                     "cell_vs_model": _sig(cell_ips / model)}
                 out[f"{task}/{mode}"] = r
                 print(f"VOC {task} {mode}: cell {r['cell_img_per_s']:6.1f} img/s, model "
                       f"{model:6.1f}, backbone {trunk:6.1f} ({px} px, batch {r['batch']}); "

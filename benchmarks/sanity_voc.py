@@ -1,7 +1,7 @@
 """Are the embedded VOC tasks learnable by this suite's own pipelines? A supervised sanity run.
 
-    python benchmarks/sanity_voc.py [--iterations 800] [--longer 4] [--modes fc6-8,all]
-        [--supervised CKPT | --keep CKPT] [--out sanity_voc.json]
+    python benchmarks/sanity_voc.py [--iterations 800] [--schedules 1,4] [--modes fc6-8,all]
+        [--networks supervised,random] [--supervised CKPT | --keep CKPT] [--out FILE.json]
 
 The embedded analogue of the paper's "ImageNet labels" row: a network of the demo's
 architecture (AlexNet + Sobel, fc 1024) is trained *with labels* -- VOC07 classification,
@@ -10,7 +10,7 @@ every layer but Sobel, on the embedded VOC2007 trainval labels (``--iterations``
 released format. That checkpoint then goes through the demo suite's detection and
 segmentation cells (the same recipes, read from ``evaluations/suites/demo.toml``), and the
 numbers are printed beside those of a never-trained network of the same init, at the demo's
-schedule and at ``--longer`` times its iterations (lr steps scaled alike). A supervised trunk
+schedule and at ``--schedules`` times its iterations (lr steps scaled alike). A supervised trunk
 well above the random one says the tasks can be learned by this code on this data; the demo's
 DeepCluster numbers then sit where they sit, on their own merit. ``--supervised`` reuses a
 checkpoint kept by an earlier run (``--keep``).
@@ -63,9 +63,9 @@ def supervised_checkpoint(random_ckpt: Path, voc07: Path, out: Path, iterations:
             "voc07_classification_map_1crop": round(100 * float(mean_ap), 2)}
 
 
-def demo_cells(modes: tuple[str, ...], longer: int) -> list:
+def demo_cells(modes: tuple[str, ...], schedules: tuple[int, ...]) -> list:
     """(task, recipe, role, schedule) of the demo suite's detection and segmentation cells in
-    ``modes``, at the demo's schedule (x1) and ``longer`` times it."""
+    ``modes``, at each of ``schedules`` times the demo's iterations."""
     cells = []
     for spec in load_suite("demo").cells:
         if spec.task in ("voc_detection", "voc_segmentation"):
@@ -73,7 +73,7 @@ def demo_cells(modes: tuple[str, ...], longer: int) -> list:
             cfg = resolve_config(task, spec.config)
             if cfg.mode not in modes:
                 continue
-            for n in sorted({1, longer}):
+            for n in schedules:
                 steps = {"lr_step": cfg.lr_step * n} if hasattr(cfg, "lr_step") else {}
                 cells.append((task, replace(cfg, iterations=cfg.iterations * n, **steps),
                               spec.datasets[0], f"x{n}"))
@@ -83,8 +83,9 @@ def demo_cells(modes: tuple[str, ...], longer: int) -> list:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=800, help="supervised training")
-    ap.add_argument("--longer", type=int, default=4, help="also run the cells this much longer")
+    ap.add_argument("--schedules", default="1,4", help="iteration multipliers of the demo's")
     ap.add_argument("--modes", default="fc6-8,all")
+    ap.add_argument("--networks", default="supervised,random")
     ap.add_argument("--supervised", default=None, help="a supervised checkpoint kept earlier")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write the numbers here as JSON")
@@ -98,18 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
                                roles=("voc07", "voc12"), voc_trainval=800, voc_test=400)
         random_ckpt = write_random_checkpoint(SPEC, tmp / "random.pth")
         t0 = time.perf_counter()
+        networks = args.networks.split(",")
         sup = Path(args.supervised) if args.supervised else tmp / "supervised.pth"
-        if not args.supervised:
+        if not args.supervised and "supervised" in networks:
             results["supervised_training"] = supervised_checkpoint(
                 random_ckpt, roots["voc07"], sup, args.iterations, device, tmp)
             print(f"supervised trunk: {results['supervised_training']} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        if args.keep:
+        if args.keep and sup.exists():
             shutil.copyfile(sup, args.keep)
         for name, ckpt in (("supervised (VOC07 labels)", sup), ("random (same init)", random_ckpt)):
+            if name.split()[0] not in networks:
+                continue
             info = describe_checkpoint(ckpt)
-            for task, cfg, role, schedule in demo_cells(tuple(args.modes.split(",")),
-                                                        args.longer):
+            for task, cfg, role, schedule in demo_cells(
+                    tuple(args.modes.split(",")), tuple(int(n) for n in args.schedules.split(","))):
                 ctx = TaskContext(info, role, roots[role], 0, Runtime(workers=0), device,
                                   tmp / "state" / name / f"{task.name}-{cfg.mode}-{schedule}")
                 t1 = time.perf_counter()

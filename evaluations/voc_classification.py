@@ -37,7 +37,7 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import NUM_CLASSES, VOC_CLASSES, VocClassification
-from .finetune import (STATE_FILE, check_frozen, check_recipe, clear_state, fc_layers,
+from .finetune import (check_frozen, check_recipe, clear_state, fc_layers,
                        freeze_batchnorm, frozen_fingerprint, set_trainable, train_iterations)
 from .metrics import classification_map
 from .records import Measurement

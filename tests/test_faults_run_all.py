@@ -4,7 +4,6 @@ checkpoint twice, and strings that would reach an sbatch script. After each: not
 recorded, nothing stuck, the rerun completes the rest, one clear message."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

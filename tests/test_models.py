@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcbench.core import UserError
 from pretrain.models import AlexNet, VGG16
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

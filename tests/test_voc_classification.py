@@ -3,8 +3,6 @@ through run_all into the VOC table; a killed cell resumes to the same numbers; t
 parts are checked; bad VOC inputs are one clear message with no record."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from conftest import load_fixture_module
-from evaluations import records, voc_classification as vc
+from evaluations import finetune, voc_classification as vc
 from evaluations.backbone import describe_checkpoint
 from evaluations.context import Runtime, TaskContext
 from evaluations.datasets.embedded import build_embedded
@@ -104,7 +102,7 @@ def test_a_killed_cell_resumes_to_the_same_numbers(voc, tmp_path):
             "vc.run(replace(t.TINY, iterations=40), t.ctx(v, Path(sys.argv[3]), save_every=10))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(voc["root"]), str(voc["ckpt"]),
                              str(state)], cwd=REPO, stderr=subprocess.DEVNULL)
-    saved = state / vc.STATE_FILE
+    saved = state / finetune.STATE_FILE
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if saved.exists() and torch.load(saved, weights_only=True)["iteration"] >= 20:
