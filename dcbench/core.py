@@ -4,6 +4,7 @@
   entry points print its message (no traceback) and exit 2.
 * :func:`atomic_open` / :func:`atomic_write` / :func:`atomic_write_json` -- the one atomic
   file writer (temp file in the same folder, fsync, ``os.replace``). Files honour the umask.
+* :func:`file_lock` -- a blocking lock shared by processes (and nodes) that fill one cache.
 * :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` and the image transforms of the protocols.
 * :func:`resolve_device`, :func:`derive_seed` (the one seed scheme), :func:`file_sha256`,
   :func:`check_finite_loss` (a diverging loss, reported the same way everywhere).
@@ -14,6 +15,7 @@ this module and never imports torch.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -149,6 +151,24 @@ def write_error(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {what}. Free space, fix the permissions or choose "
                      "another output folder; the previous version of the file, if any, is "
                      "intact.")
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the ``with`` block;
+    waits while another process holds it. The kernel drops it when its holder dies, so a
+    killed job never leaves it held."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @contextmanager

@@ -62,3 +62,9 @@ class TaskContext:
     device: Any  # torch.device, resolved from runtime.device
     state_dir: Path  # where a long task may keep its own training state (resume)
     extra_roots: dict[str, Path] = field(default_factory=dict)  # other roles it reads (sbd)
+    cache_dir: Path | None = None  # results shared by the checkpoint's cells (descriptors)
+
+    @property
+    def shared_cache(self) -> Path:
+        """Where cells of one checkpoint share derived data (default: next to the state)."""
+        return self.cache_dir if self.cache_dir is not None else self.state_dir.parent / "cache"

@@ -1,9 +1,11 @@
 """Metrics: top-k of the linear probes; Pascal VOC classification AP (three definitions),
-detection AP and segmentation mIoU (DATA_FORMATS.md B.3, PROTOCOLS.md §3-5)."""
+detection AP and segmentation mIoU (DATA_FORMATS.md B.3, PROTOCOLS.md §3-5); instance
+retrieval AP: Oxford's compute_ap and the Revisited compute_map (B.4-B.5, §6)."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -257,3 +259,86 @@ def miou(conf) -> tuple[float, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(denom > 0, tp / denom, np.nan)
     return _nanmean_classes(iou, "segmentation mIoU"), iou
+
+
+# --------------------------------------------------------------------------- instance retrieval
+
+
+def oxford_ap(ranked: Sequence[str], positives: set[str], junk: set[str]) -> float:
+    """Oxford's ``compute_ap`` over a ranked list of names (DATA_FORMATS.md B.4), as written:
+    junk is skipped (it takes no rank), trapezoid between successive (recall, precision)
+    points; ``|positives|`` counts every name, retrieved or not. Float64 (the C++ is float32).
+    The reference the fast :func:`ap_from_ranks` route is tested against."""
+    if not positives:
+        return float("nan")
+    old_recall, old_precision, ap, hits, j = 0.0, 1.0, 0.0, 0, 0
+    for name in ranked:
+        if name in junk:
+            continue
+        if name in positives:
+            hits += 1
+        recall, precision = hits / len(positives), hits / (j + 1)
+        ap += (recall - old_recall) * (old_precision + precision) / 2
+        old_recall, old_precision = recall, precision
+        j += 1
+    return ap
+
+
+def positive_ranks(order: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """0-based positions in the ranking ``order`` (database indices, best first) of the
+    ``positives``, once the ``junk`` entries are taken out of it; ascending."""
+    order = np.asarray(order)
+    is_pos = np.isin(order, np.asarray(positives, dtype=np.int64))
+    is_junk = np.isin(order, np.asarray(junk, dtype=np.int64)) & ~is_pos
+    pos = np.flatnonzero(is_pos)
+    return pos - np.cumsum(is_junk)[pos]  # junk seen before each positive (never itself)
+
+
+def ap_from_ranks(ranks: np.ndarray, n_positives: int) -> float:
+    """revisitop's ``compute_ap``: trapezoid AP from the junk-free 0-based ``ranks`` of the
+    retrieved positives, out of ``n_positives`` (which may count unretrievable ones)."""
+    if n_positives <= 0:
+        return float("nan")
+    r = np.sort(np.asarray(ranks, dtype=np.float64))
+    j = np.arange(len(r), dtype=np.float64)
+    p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1))
+    p1 = (j + 1) / (r + 1)
+    return float(((p0 + p1) / 2).sum() / n_positives)
+
+
+REVISITED_SETUPS = MappingProxyType({  # protocol -> (positive groups, junk groups)
+    "E": (("easy",), ("junk", "hard")),
+    "M": (("easy", "hard"), ("junk",)),
+    "H": (("hard",), ("junk", "easy"))})
+
+
+def revisited_map(order: np.ndarray, groups: Sequence[Mapping[str, Sequence[int]]],
+                  setup: str, kappas: Sequence[int] = (1, 5, 10)) -> dict:
+    """revisitop's ``compute_map`` for one setup (E / M / H) of the Revisited protocol.
+
+    ``order``: [n_queries, n_db] database indices, best first (one row per query);
+    ``groups[i]``: query i's ``easy`` / ``hard`` / ``junk`` index lists. A query with no
+    positive under ``setup`` is left out of the means (its AP is NaN). mP@k keeps revisitop's
+    quirk: when every positive is found before rank k the denominator is the last one's rank.
+    Returns ``{"map", "aps", "mpk": {k: value}, "n_empty"}`` (fractions, not percent).
+    """
+    pos_groups, junk_groups = REVISITED_SETUPS[setup]
+    aps, prs = [], []
+    for row, g in zip(np.asarray(order), groups):
+        ok = np.unique(np.concatenate([np.asarray(g[k], dtype=np.int64) for k in pos_groups]))
+        if ok.size == 0:
+            aps.append(float("nan"))
+            continue
+        junk = np.concatenate([np.asarray(g[k], dtype=np.int64) for k in junk_groups])
+        ranks = positive_ranks(row, ok, junk)
+        aps.append(ap_from_ranks(ranks, ok.size))
+        one_based = ranks + 1
+        prs.append([0.0 if one_based.size == 0 else
+                    float((one_based <= min(one_based.max(), k)).sum() / min(one_based.max(), k))
+                    for k in kappas])
+    aps_arr = np.asarray(aps, dtype=np.float64)
+    valid = ~np.isnan(aps_arr)
+    mean_pr = np.mean(prs, axis=0) if prs else np.full(len(kappas), np.nan)
+    return {"map": float(aps_arr[valid].mean()) if valid.any() else float("nan"),
+            "aps": aps_arr, "mpk": {int(k): float(v) for k, v in zip(kappas, mean_pr)},
+            "n_empty": int((~valid).sum())}

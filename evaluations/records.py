@@ -83,7 +83,7 @@ class Record:
     =============  =============================================================================
     table          paper table id: ``table1`` | ``supp_fc`` | ``voc`` | ``retrieval``
     column         e.g. ``imagenet/conv3``, ``places/conv1``, ``imagenet/acc1``,
-                   ``classification/fc6-8``, ``detection/all``, ``oxford5k``
+                   ``classification/fc6-8``, ``detection/all``, ``oxford5k``, ``roxford5k/H``
     task           the evaluation's registry name, e.g. ``linear``
     dataset        the dataset's role (``imagenet``, ``places``); ``dataset_name``: the data
                    actually read (the root's name, or ``embedded/fashion-mnist``)

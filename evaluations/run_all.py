@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = slurm if sbatch is on PATH, else local")
     p.add_argument("--results", default="results", help="results folder (default ./results)")
     p.add_argument("--data-root", action="append", default=[], metavar="ROLE=PATH",
-                   help="dataset root of a role (imagenet, places, voc07, voc12, sbd); "
+                   help="dataset root of a role (imagenet, places, voc07, voc12, sbd, oxford5k, "
+                        "paris6k, roxford5k, rparis6k); "
                         "'embedded' builds the demo data (not for sbd)")
     p.add_argument("--datasets", default=None, metavar="FILE.toml",
                    help="TOML file with a [datasets] table of role = \"path\"")

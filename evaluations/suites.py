@@ -207,9 +207,10 @@ def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str
                                 f"({' or '.join(task.archs)}), but checkpoint {ck.path} holds a "
                                 f"{ck.arch}. Leave the task out (--tasks) or evaluate an "
                                 f"{' or '.join(task.archs)} checkpoint.")
-            extra = tuple((r, str(Path(roots[r]).resolve())) for r in task.extra_roles(cfg))
             for role in spec.datasets:
                 root = str(Path(roots[role]).resolve())
+                extra = tuple((r, str(Path(roots[r]).resolve()))
+                              for r in task.extra_roles(cfg, role))
                 for seed in spec.seeds:
                     key = cell_key(task.name, role, root, task.protocol, asdict(cfg),
                                    ck.sha256, seed, extra)
@@ -224,9 +225,13 @@ def build_cells(suite: Suite, checkpoints: list[CheckpointInfo], roots: dict[str
 
 
 def needed_roles(suite: Suite) -> list[str]:
-    """The dataset roles the suite's cells read (their own and, e.g., SBD for train_aug)."""
+    """The dataset roles the suite's cells read: their own and others (SBD for train_aug,
+    the other retrieval dataset for whitening)."""
     roles = set()
     for c in suite.cells:
         task = get_task(c.task)
-        roles.update(c.datasets, task.extra_roles(resolve_config(task, c.config)))
+        cfg = resolve_config(task, c.config)
+        roles.update(c.datasets)
+        for role in c.datasets:
+            roles.update(task.extra_roles(cfg, role))
     return sorted(roles)

@@ -13,7 +13,9 @@ from typing import Any, Callable
 from dcbench.core import UserError
 from slurm.launch import Resources
 
-from . import fc_retrain, linear, voc_classification, voc_detection, voc_segmentation
+from . import (fc_retrain, linear, retrieval, voc_classification, voc_detection,
+               voc_segmentation)
+from .datasets.oxford import ORIGINAL_ROLES, REVISITED_ROLES
 from .finetune import FC_ARCHS
 
 
@@ -29,7 +31,8 @@ class TaskDef:
     description: str
     columns: Callable[[Any, str], list[str]]  # (config, dataset role) -> table columns it fills
     archs: tuple[str, ...] = ("alexnet", "vgg16", "resnet50")  # networks it can evaluate
-    extra_roles: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # other roles it reads
+    # (config, dataset role) -> other roles the cell reads (SBD; the whitening dataset)
+    extra_roles: Callable[[Any, str], tuple[str, ...]] = lambda cfg, role: ()
 
 
 TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
@@ -64,6 +67,20 @@ TASKS: MappingProxyType[str, TaskDef] = MappingProxyType({
         "Table 2: Pascal VOC12 segmentation, fc6-8 or all (FCN-32s from fc6/fc7; mIoU)",
         lambda cfg, role: [f"segmentation/{cfg.mode}"], FC_ARCHS,
         voc_segmentation.extra_roles),
+    "retrieval": TaskDef(
+        "retrieval", "retrieval", retrieval.RetrievalConfig, retrieval.run, ORIGINAL_ROLES,
+        "dc2018", Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=6 * 60),
+        "Instance retrieval, Oxford5k / Paris6k: R-MAC (L=3) on the last conv layer, "
+        "whitening learned on the other dataset, Oxford compute_ap mAP",
+        lambda cfg, role: [role], extra_roles=retrieval.extra_roles),
+    "retrieval_revisited": TaskDef(
+        "retrieval_revisited", "retrieval", retrieval.RetrievalConfig, retrieval.run,
+        REVISITED_ROLES, "dc2018-reimpl",
+        Resources(gpus_per_node=1, cpus_per_task=10, mem_gb=32, timeout_min=6 * 60),
+        "Instance retrieval, Revisited Oxford / Paris (not in the paper): the same R-MAC, "
+        "mAP Easy / Medium / Hard and mP@1,5,10 (revisitop compute_map)",
+        lambda cfg, role: [f"{role}/{s}" for s in ("E", "M", "H")],
+        extra_roles=retrieval.extra_roles),
 })
 
 

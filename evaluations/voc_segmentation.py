@@ -88,7 +88,7 @@ class VocSegmentationConfig:
         return self.lr * max(0.0, 1.0 - iteration / self.iterations) ** self.lr_power
 
 
-def extra_roles(cfg: VocSegmentationConfig) -> tuple[str, ...]:
+def extra_roles(cfg: VocSegmentationConfig, role: str) -> tuple[str, ...]:
     """Dataset roles the cell reads besides its own: SBD's root for train_aug."""
     return ("sbd",) if cfg.sbd else ()
 

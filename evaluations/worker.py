@@ -120,7 +120,8 @@ def _execute(cell: Cell) -> list[Record]:
     ctx = TaskContext(checkpoint=cell.checkpoint, dataset=cell.dataset,
                       data_root=Path(cell.data_root), seed=cell.seed, runtime=cell.runtime,
                       device=device, state_dir=state_dir(cell),
-                      extra_roots={r: Path(p) for r, p in cell.extra_roots})
+                      extra_roots={r: Path(p) for r, p in cell.extra_roots},
+                      cache_dir=Path(cell.results) / cell.checkpoint.id / ".cache")
     return make_records(cell, task.run(cell.config, ctx), started, t0, device)
 
 

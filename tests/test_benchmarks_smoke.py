@@ -47,6 +47,15 @@ def test_benchmark_runner_quick(tmp_path):
                 d["model_img_per_s"] / d["backbone_img_per_s"], rel=0.02)
             assert d["cell_vs_model"] == pytest.approx(
                 d["cell_img_per_s"] / d["model_img_per_s"], rel=0.02)
+    ret = res["bench_retrieval"]
+    for arch in ("alexnet", "vgg16"):
+        e = ret[f"extract/{arch}"]
+        assert e["max_abs_diff"] < 1e-5  # batching by size leaves descriptors unchanged
+        assert e["batched_vs_single"] == pytest.approx(
+            e["batched_img_per_s"] / e["single_img_per_s"], rel=0.02)
+    share = ret["cell"]["share"]
+    assert set(share) == {"extract", "whiten", "rank", "score"}
+    assert sum(share.values()) == pytest.approx(1.0, abs=0.01)
     tab = res["bench_tables"]
     assert tab["records"] == 500 and tab["files"] == 100  # 5 records per cell file
     assert tab["records_per_s"] == pytest.approx(

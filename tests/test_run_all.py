@@ -406,9 +406,11 @@ def test_demo_suite_on_a_released_checkpoint_as_published(env, tmp_path):
     p = run_all(env, "--suite", "demo", "--executor", "local", "--no-random-baseline",
                 results=res, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "9 done, 0 skipped" in p.stdout
+    assert "13 done, 0 skipped" in p.stdout
     cols = {r.column for f in cell_files(res) for r in records.read_results_file(f).records}
     assert cols == {*(f"{d}/conv{i}" for d in ("imagenet", "places") for i in range(1, 6)),
                     "imagenet/acc1", *(f"{t}/{m}" for t in ("classification", "detection",
                                                             "segmentation")
-                                       for m in ("fc6-8", "all"))}
+                                       for m in ("fc6-8", "all")),
+                    "oxford5k", "paris6k",
+                    *(f"{d}/{s}" for d in ("roxford5k", "rparis6k") for s in "EMH")}

@@ -155,7 +155,7 @@ def test_table_without_records_shows_missing_row(tmp_path):
     fx.write(res, "a", [fx.make_record("table1", "imagenet/conv1", 10.0)])
     view = build_view(collate_table(SPECS["retrieval"], load_results(res)))
     ours = [r for r in view.rows if r.kind == "ours"]
-    assert [r.texts for r in ours] == [("missing", "missing")]
+    assert [r.texts for r in ours] == [("missing",) * 8]  # Oxford, Paris, 2 x E / M / H
     assert not [r for r in view.rows if r.kind == "delta"]
 
 

@@ -17,6 +17,13 @@ Roles and what is written (``<cache_dir>/<role>-<hash12>/``, hash = build parame
   ``n_train_per_class`` images in file order go to train, the next ``n_val_per_class`` to val
   (the rarest digit has 174 images, so their sum must be <= 174). ``<32hex>`` = md5 of
   ``sklearn-digits-<index>``.
+* ``voc07`` / ``voc12``: the VOC-format scenes of :mod:`.embedded_voc`.
+* ``oxford5k`` / ``paris6k`` (original protocol: ``jpg/`` + ``lab/``) and ``roxford5k`` /
+  ``rparis6k`` (revisited: the gnd pickle): views of real photos bundled with scikit-image and
+  scikit-learn, from :mod:`.embedded_retrieval` (default sizes: 8 landmarks x (3 queries + 12
+  views) + 60 distractors; long sides up to ``retrieval_max_side``). One folder holds both
+  protocols of a dataset (``jpg/``, ``lab/``, ``gnd_r*.pkl``), so ``roxford5k`` resolves to the
+  ``oxford5k`` folder and ``rparis6k`` to the ``paris6k`` one (:data:`SHARED_BUILD`).
 
 Construction is idempotent and atomic: a role is built in ``<cache_dir>/.tmp.<name>.<pid>.
 <uuid>.<host>``, a marker ``.embedded-complete.json`` holding the parameters and their hash is
@@ -35,7 +42,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -47,6 +54,7 @@ from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
 from dcbench.core import UserError, atomic_write, pid_alive
 
 from .common import write_datasets_file
+from .oxford import RETRIEVAL_ROLES
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +62,23 @@ FORMAT_VERSION = 1
 MARKER = ".embedded-complete.json"
 TMP_PREFIX = ".tmp."
 STALE_AFTER_S = 24 * 3600
-ROLES = ("imagenet", "places", "voc07", "voc12")
+ROLES = ("imagenet", "places", "voc07", "voc12", *RETRIEVAL_ROLES)
 DATASET_NAMES = MappingProxyType({"imagenet": "embedded/fashion-mnist",
                                   "places": "embedded/sklearn-digits",
-                                  "voc07": "embedded/voc2007", "voc12": "embedded/voc2012"})
+                                  "voc07": "embedded/voc2007", "voc12": "embedded/voc2012",
+                                  "oxford5k": "embedded/oxford5k-format",
+                                  "paris6k": "embedded/paris6k-format",
+                                  "roxford5k": "embedded/roxford5k-format",
+                                  "rparis6k": "embedded/rparis6k-format"})
+# roles read from another role's built folder (the revisited gnd pickle sits next to jpg/, lab/)
+SHARED_BUILD = MappingProxyType({"roxford5k": "oxford5k", "rparis6k": "paris6k"})
 # the build parameters each role depends on (its folder's key hashes these only)
 ROLE_PARAMS = MappingProxyType({
     "imagenet": ("n_train_per_class", "n_val_per_class", "size"),
     "places": ("n_train_per_class", "n_val_per_class", "size"),
     "voc07": ("voc_trainval", "voc_test", "voc_size"),
-    "voc12": ("voc_trainval", "voc_size")})
+    "voc12": ("voc_trainval", "voc_size"),
+    **{role: ("retrieval_max_side",) for role in RETRIEVAL_ROLES}})
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -85,11 +100,13 @@ class BuildParams:
     voc_trainval: int = 800  # VOC2007 trainval / VOC2012 train+val images
     voc_test: int = 400  # VOC2007 test images
     voc_size: int = 128
+    retrieval_max_side: int = 384  # longest image side of the retrieval roles
     version: int = FORMAT_VERSION
 
     def key(self) -> str:
         relevant = {k: getattr(self, k) for k in ("role", *ROLE_PARAMS.get(self.role, ()),
                                                   "version")}
+        relevant["role"] = SHARED_BUILD.get(self.role, self.role)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -97,12 +114,13 @@ def build_embedded(cache_dir: Path, n_train_per_class: int = 100, n_val_per_clas
                    size: int | None = None, roles: tuple[str, ...] = ("imagenet", "places"),
                    **voc: int) -> dict[str, Path]:
     """Build (once) the ``roles`` of the embedded suite under ``cache_dir``; roots by role.
-    ``voc``: ``voc_trainval``, ``voc_test``, ``voc_size`` for the VOC roles."""
-    unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size"})
+    ``voc``: ``voc_trainval``, ``voc_test``, ``voc_size`` for the VOC roles,
+    ``retrieval_max_side`` for the retrieval roles."""
+    unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size", "retrieval_max_side"})
     if unknown:
         raise UserError(f"embedded suite: unknown setting(s) {unknown}; known: "
                         "n_train_per_class, n_val_per_class, size, voc_trainval, voc_test, "
-                        "voc_size.")
+                        "voc_size, retrieval_max_side.")
     params = [BuildParams(role, n_train_per_class, n_val_per_class, size, **voc)
               for role in roles]
     for p in params:  # all parameter errors before anything is built
@@ -121,8 +139,10 @@ def embedded_datasets(cache_dir: Path, n_train_per_class: int = 100, n_val_per_c
 
 
 def build_role(cache_dir: Path, params: BuildParams) -> Path:
-    """The finished root of one role, building it atomically if no matching build exists."""
+    """The finished root of one role, building it atomically if no matching build exists
+    (``roxford5k`` / ``rparis6k``: the ``oxford5k`` / ``paris6k`` root, :data:`SHARED_BUILD`)."""
     _validate(params)
+    params = replace(params, role=SHARED_BUILD.get(params.role, params.role))
     cache_dir = Path(cache_dir).expanduser()
     final = cache_dir / f"{params.role}-{params.key()[:12]}"
     if is_complete(final, params):
@@ -237,9 +257,18 @@ def _build_voc(year: int) -> Callable[[Path, BuildParams], None]:
     return build
 
 
+def _build_retrieval(dataset: str) -> Callable[[Path, BuildParams], None]:
+    def build(root: Path, params: BuildParams) -> None:
+        from .embedded_retrieval import build_retrieval
+
+        build_retrieval(root, dataset, seed=0, max_side=params.retrieval_max_side)
+    return build
+
+
 _BUILDERS: Mapping[str, Callable[[Path, BuildParams], None]] = MappingProxyType(
     {"imagenet": _build_imagenet, "places": _build_places, "voc07": _build_voc(2007),
-     "voc12": _build_voc(2012)})
+     "voc12": _build_voc(2012),
+     **{role: _build_retrieval(SHARED_BUILD.get(role, role)) for role in RETRIEVAL_ROLES}})
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -282,6 +311,12 @@ def _validate(p: BuildParams) -> None:
             v = getattr(p, name)
             if not isinstance(v, int) or v < (1 if name != "voc_test" else 0):
                 raise UserError(f"embedded suite: {name} must be a positive integer, got {v!r}.")
+        return
+    if p.role in RETRIEVAL_ROLES:
+        v = p.retrieval_max_side
+        if not isinstance(v, int) or isinstance(v, bool) or not 64 <= v <= 4096:
+            raise UserError(f"embedded suite: retrieval_max_side must be an integer in [64, "
+                            f"4096], got {v!r}.")
         return
     for name in ("n_train_per_class", "n_val_per_class"):
         v = getattr(p, name)
