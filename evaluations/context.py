@@ -8,6 +8,7 @@ so changing them never reruns a cell. Random augmentations are seeded per draw
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,7 @@ class TaskContext:
     def shared_cache(self) -> Path:
         """Where cells of one checkpoint share derived data (default: next to the state)."""
         return self.cache_dir if self.cache_dir is not None else self.state_dir.parent / "cache"
+
+    def clear_state(self) -> None:
+        """Remove the cell's own training state once its numbers are computed."""
+        shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from dcbench.core import UserError, check_number
 
 from .backbone import frozen_backbone
 from .context import TaskContext
-from .heads import Head, head_seed, probe_data, train_heads
+from .heads import HEADS_STATE, Head, head_seed, probe_data, train_heads
 from .linear import head_config, measurements
 from .records import Measurement
 
@@ -71,5 +71,6 @@ def run(cfg: FcRetrainConfig, ctx: TaskContext) -> list[Measurement]:
     head = Head("fc6-8", "pool5", fc_head(in_dim, backbone.spec.fc_dim, data.num_classes,
                                           cfg.dropout, gen).to(ctx.device))
     hist = train_heads(backbone, [head], data.train, data.val, head_config(cfg, ctx, cfg.lr),
-                       ctx.device, desc="fc6-8")
+                       ctx.device, desc="fc6-8", state=ctx.state_dir / HEADS_STATE)
+    ctx.clear_state()
     return measurements(hist, f"{ctx.dataset}/acc1", {"in_dim": in_dim, "data": data.details})

@@ -198,10 +198,3 @@ def train_iterations(net: nn.Module, data, cfg, ctx: TaskContext, *,
     seconds = time.perf_counter() - t0
     return {"iterations": it, "resumed_from": start, "train_seconds": round(seconds, 2),
             "train_img_per_s": round(seen / max(seconds, 1e-9), 1)}
-
-
-def clear_state(ctx: TaskContext) -> None:
-    """Remove the training state of a finished cell (and its folder once empty)."""
-    (ctx.state_dir / STATE_FILE).unlink(missing_ok=True)
-    if ctx.state_dir.is_dir() and not any(ctx.state_dir.iterdir()):
-        ctx.state_dir.rmdir()

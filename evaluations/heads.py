@@ -4,12 +4,17 @@ Used by the conv1..conv5 linear probes (Table 1) and the fc6-8 retraining (suppl
 table). Each head has its own SGD with Bottou's decay lr_t = lr0 / sqrt(1 + lr0*wd*t) per
 iteration and its own seeded init, so a head trained alongside others gets exactly the
 numbers it gets alone (same seed, same data order).
+
+With a state file, the training state (head weights, optimizers, iteration count, scores so
+far, the data-order generator and the RNG) is saved after every epoch; a killed, stopped or
+requeued cell resumes at its last finished epoch and ends with the same numbers.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +23,7 @@ from tqdm import tqdm
 
 from dcbench.core import (EnumeratedSampler, SeededDraws, check_finite_loss, derive_seed,
                           probe_test_transform, probe_train_transform)
+from pretrain.checkpoint import atomic_torch_save
 from pretrain.data import loader_batches
 from pretrain.models import TapNet
 
@@ -28,6 +34,7 @@ from .metrics import tencrop_probs, topk_correct
 
 log = logging.getLogger(__name__)
 CENTRE_OF_TENCROP = 4  # torchvision TenCrop: tl, tr, bl, br, centre, then the flipped five
+HEADS_STATE = "heads_state.pth"  # in the cell's state folder
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class EpochScores:
 class HeadHistory:
     name: str
     epochs: list[EpochScores] = field(default_factory=list)
+    resumed_at: int = 0  # the epoch a resumed run started at (0: from scratch)
 
     def best(self, key: str = "top1_10crop") -> EpochScores:
         """The paper's selection: the epoch with the best accuracy on the evaluation split."""
@@ -170,20 +178,68 @@ def evaluate_heads(heads: list[Head], batches) -> dict[str, tuple[float, float, 
 
 
 def train_heads(backbone: TapNet, heads: list[Head], train_ds, val_ds, cfg: HeadTrainConfig,
-                device: torch.device, desc: str = "heads") -> dict[str, HeadHistory]:
+                device: torch.device, desc: str = "heads", state: Path | None = None
+                ) -> dict[str, HeadHistory]:
     """Train ``heads`` on frozen ``backbone``; evaluate every epoch on ``val_ds``.
 
     The data order comes from a generator seeded by ``cfg.seed``; the random crops of draw
     ``j`` of epoch ``e`` from ``derive_seed(seed, e, j)``, whichever process makes them; the
-    heads' dropout from torch's RNG, seeded here and restored afterwards.
+    heads' dropout from torch's RNG, seeded here and restored afterwards. ``state``: a file
+    where the training state is saved after each epoch and resumed from.
     Raises RuntimeError if the backbone's weights or BN buffers changed (they must not).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "dropout"))
-        return _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc)
+        return _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc, state)
 
 
-def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
+def _recipe(heads: list[Head], cfg: HeadTrainConfig) -> str:
+    """What a saved state must have been made for (never the runtime: workers, caches)."""
+    return repr(((cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
+                  cfg.seed), [(h.name, h.tap, h.lr, h.pre_key) for h in heads]))
+
+
+def _save_epoch(path: Path, recipe: str, epoch: int, t: int, heads: list[Head], opts: dict,
+                history: dict[str, HeadHistory], gen: torch.Generator) -> None:
+    atomic_torch_save({"recipe": recipe, "epochs_done": epoch + 1, "iteration": t,
+                       "heads": {h.name: h.module.state_dict() for h in heads},
+                       "optimizers": {n: o.state_dict() for n, o in opts.items()},
+                       "history": {n: [asdict(e) for e in h.epochs] for n, h in history.items()},
+                       "order": gen.get_state(), "rng": torch.get_rng_state(),
+                       "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                    else [])}, path)
+
+
+def _resume(path: Path | None, recipe: str, heads: list[Head], opts: dict,
+            history: dict[str, HeadHistory], gen: torch.Generator) -> tuple[int, int]:
+    """Load a saved state into the heads, optimizers, history, generator and RNG; returns
+    (first epoch to run, iteration count), (0, 0) without a usable state."""
+    if path is None or not path.is_file():
+        return 0, 0
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        names = {h.name for h in heads}
+        if st["recipe"] != recipe or not names <= set(st["heads"]) & set(st["optimizers"]) \
+                & set(st["history"]):
+            log.warning("ignored the training state %s of another recipe; starting over", path)
+            return 0, 0
+    except Exception as e:  # noqa: BLE001 -- a state file cut short: start over
+        log.warning("ignored the unreadable training state %s (%s); starting over", path, e)
+        return 0, 0
+    for h in heads:
+        h.module.load_state_dict(st["heads"][h.name])
+        opts[h.name].load_state_dict(st["optimizers"][h.name])
+        history[h.name].epochs = [EpochScores(**e) for e in st["history"][h.name]]
+        history[h.name].resumed_at = int(st["epochs_done"])
+    gen.set_state(st["order"])
+    torch.set_rng_state(st["rng"])
+    if st["cuda_rng"] and torch.cuda.is_available():  # dropout of heads on a GPU
+        torch.cuda.set_rng_state_all(st["cuda_rng"])
+    log.info("resuming %s at epoch %d", path.parent.name, st["epochs_done"])
+    return int(st["epochs_done"]), int(st["iteration"])
+
+
+def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc, state):
     before = state_fingerprint(backbone)
     backbone.eval()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order"))
@@ -203,8 +259,9 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
     cache = None
     if val_cache_bytes(backbone, heads, val_ds, device) <= cfg.val_cache_gb * 2**30:
         cache = list(val_features(backbone, heads, val_loader, device))
-    t = 0
-    for epoch in range(cfg.epochs):
+    recipe = _recipe(heads, cfg)
+    start, t = _resume(state, recipe, heads, opts, history, gen)
+    for epoch in range(start, cfg.epochs):
         draws.set_epoch(epoch)
         for h in heads:
             h.module.train()
@@ -240,6 +297,8 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc):
                                                       top1, centre, top5))
         log.info("%s epoch %d: %s", desc, epoch,
                  " ".join(f"{k}={v[0]:.1f}" for k, v in scores.items()))
+        if state is not None and epoch + 1 < cfg.epochs:
+            _save_epoch(state, recipe, epoch, t, heads, opts, history, gen)
     if state_fingerprint(backbone) != before:
         raise RuntimeError("the frozen backbone changed during head training (weights or BN "
                            "buffers): this is a bug in the evaluation, its numbers are invalid")

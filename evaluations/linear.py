@@ -17,7 +17,8 @@ from pretrain.models import CONV_TAPS, TapNet
 
 from .backbone import frozen_backbone
 from .context import TaskContext
-from .heads import Head, HeadHistory, HeadTrainConfig, head_seed, probe_data, train_heads
+from .heads import (HEADS_STATE, Head, HeadHistory, HeadTrainConfig, head_seed, probe_data,
+                    train_heads)
 from .records import Measurement
 
 # (kernel, stride, pad) of AvgPool2d at 224 input, and the pooled grid it gives (AlexNet).
@@ -108,7 +109,8 @@ def measurements(histories: dict[str, HeadHistory], column: str,
 
     best_epoch: the (head, epoch) with the best 10-crop top-1 (the paper's rule);
     last_epoch: the last epoch of the head whose last epoch is best. ``details`` of each:
-    ``epoch`` and ``head`` chosen, ``top5_10crop``, plus the caller's ``details``.
+    ``epoch`` and ``head`` chosen, ``top5_10crop``, ``resumed_at_epoch`` (0 unless a killed
+    or requeued run resumed from its saved state), plus the caller's ``details``.
     """
     best = max(((n, h.best()) for n, h in histories.items()),
                key=lambda p: (p[1].top1_10crop, -p[1].epoch))
@@ -118,7 +120,9 @@ def measurements(histories: dict[str, HeadHistory], column: str,
         for variant, value in (("10crop", ep.top1_10crop), ("center", ep.top1_center)):
             out.append(Measurement(column, "top1", round(value, 4), selection, variant,
                                    {"epoch": ep.epoch, "head": name,
-                                    "top5_10crop": ep.top5_10crop, **details}))
+                                    "top5_10crop": ep.top5_10crop,
+                                    "resumed_at_epoch": histories[name].resumed_at,
+                                    **details}))
     return out
 
 
@@ -137,7 +141,8 @@ def run(cfg: LinearProbeConfig, ctx: TaskContext) -> list[Measurement]:
     heads, info = conv_heads(backbone, cfg.layers, cfg.input_size, data.num_classes, ctx.seed,
                              ctx.device, cfg.lrs)
     hist = train_heads(backbone, heads, data.train, data.val, head_config(cfg, ctx, cfg.lrs[0]),
-                       ctx.device, desc=f"linear {ctx.dataset}")
+                       ctx.device, desc=f"linear {ctx.dataset}", state=ctx.state_dir / HEADS_STATE)
+    ctx.clear_state()
     out = []
     for layer in cfg.layers:
         mine = {h.name: hist[h.name] for h in heads if h.tap == layer}

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dcbench.core import (IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_open, check_number,
-                          file_lock)
+from dcbench.core import IMAGENET_MEAN, IMAGENET_STD, UserError, check_number, file_lock
+from pretrain.checkpoint import atomic_torch_save
 from pretrain.data import load_rgb, loader_batches
 
 from .backbone import frozen_backbone
@@ -322,9 +322,8 @@ class DescriptorCache:
         sizes = [self.entries[k].shape[0] for k in keys]
         offsets = torch.tensor([0, *np.cumsum(sizes).tolist()], dtype=torch.int64)
         regions = torch.cat([self.entries[k] for k in keys]) if keys else torch.zeros(0)
-        with atomic_open(self.path) as f:
-            torch.save({"ident": self.ident, "keys": keys, "offsets": offsets,
-                        "regions": regions.contiguous()}, f)
+        atomic_torch_save({"ident": self.ident, "keys": keys, "offsets": offsets,
+                           "regions": regions.contiguous()}, self.path)
 
 
 def cached_regions(model, items: Sequence[ImageItem], cfg: RetrievalConfig, ctx: TaskContext,

@@ -258,7 +258,8 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
     from submitit.core.utils import FailedJobError
     from tqdm import tqdm
 
-    from slurm.launch import error_summary, make_executor, submit_array, wait
+    from slurm.launch import (CheckpointableJob, error_summary, make_executor, submit_array,
+                              wait)
 
     from . import claims, records
     from .worker import failure_of, run_cell
@@ -274,7 +275,9 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
             ex = make_executor(executor_kind, results / "_logs", cells[0].resources,
                                f"dc-{suite_name}")
             try:
-                jobs = submit_array(ex, run_cell, cells)
+                # on SLURM's time-limit / preemption signal the job requeues itself and the
+                # cell resumes from its saved training state
+                jobs = submit_array(ex, CheckpointableJob(run_cell), cells)
             except FailedJobError as e:
                 r = cells[0].resources
                 raise UserError(f"the scheduler refused the array of {len(cells)} cell(s) "

@@ -37,7 +37,7 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import NUM_CLASSES, VOC_CLASSES, VocClassification
-from .finetune import (check_frozen, check_recipe, clear_state, fc_layers,
+from .finetune import (check_frozen, check_recipe, fc_layers,
                        freeze_batchnorm, frozen_fingerprint, set_trainable, train_iterations)
 from .metrics import classification_map
 from .records import Measurement
@@ -218,7 +218,7 @@ def run(cfg: VocClassificationConfig, ctx: TaskContext) -> list[Measurement]:
     check_frozen(net, before, "VOC classification")
     scores = test_scores(net, test_data, cfg, ctx)
     mean_ap, aps = classification_map(test_data.labels, scores, cfg.ap)
-    clear_state(ctx)
+    ctx.clear_state()
     per_class = {c: (None if math.isnan(a) else round(100 * float(a), 3))
                  for c, a in zip(VOC_CLASSES, aps)}
     details = {**info, "per_class_ap": per_class, "lr": cfg.base_lr, "lr_step": cfg.step,

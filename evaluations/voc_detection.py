@@ -48,7 +48,7 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import NUM_CLASSES, VOC_CLASSES, VocDetection
-from .finetune import (check_frozen, check_recipe, clear_state, fc_layers, freeze_batchnorm,
+from .finetune import (check_frozen, check_recipe, fc_layers, freeze_batchnorm,
                        frozen_fingerprint, set_trainable, train_iterations, trunk_channels)
 from .metrics import detection_map
 from .records import Measurement
@@ -293,7 +293,7 @@ def run(cfg: VocDetectionConfig, ctx: TaskContext) -> list[Measurement]:
     detections = detect(net, test, ctx)
     mean_ap, aps = detection_map(detections, [test.target(i) for i in range(len(test))],
                                  NUM_CLASSES, 0.5, use_07_metric=True)
-    clear_state(ctx)
+    ctx.clear_state()
     per_class = {c: (None if math.isnan(a) else round(100 * float(a), 3))
                  for c, a in zip(VOC_CLASSES, aps)}
     details = {**info, "per_class_ap": per_class, "roi_grid": net.grid,

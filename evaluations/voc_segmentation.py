@@ -39,7 +39,7 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import SEG_CLASSES, VOID, VocSegmentation
-from .finetune import (check_frozen, check_recipe, clear_state, fc_layers, freeze_batchnorm,
+from .finetune import (check_frozen, check_recipe, fc_layers, freeze_batchnorm,
                        frozen_fingerprint, set_trainable, train_iterations, trunk_channels)
 from .metrics import confusion_matrix, miou
 from .records import Measurement
@@ -261,7 +261,7 @@ def run(cfg: VocSegmentationConfig, ctx: TaskContext) -> list[Measurement]:
                            TestTransform(cfg))
     conf = confusion(net, test, ctx)
     mean_iou, ious = miou(conf)
-    clear_state(ctx)
+    ctx.clear_state()
     per_class = {c: (None if math.isnan(v) else round(100 * float(v), 3))
                  for c, v in zip(SEG_CLASSES, ious)}
     details = {**info, "per_class_iou": per_class, "fc6_grid": net.grid,

@@ -5,6 +5,8 @@ Examples::
     python -m pretrain --preset paper --data /datasets/imagenet --out runs/dc_alexnet
     python -m pretrain --preset demo --out runs/demo          # embedded Fashion-MNIST
     python -m pretrain --preset demo --out runs/demo --resume # continue after a crash
+    python -m pretrain --preset paper --data /datasets/imagenet --out runs/dc --executor slurm \
+        --cluster-config cluster.toml                         # a SLURM job that requeues itself
 """
 from __future__ import annotations
 
@@ -60,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    job = p.add_argument_group("cluster job (without --executor: runs in this process)")
+    job.add_argument("--executor", choices=["slurm", "local"], default=None,
+                     help="submit through submitit; at SLURM's time limit the job requeues "
+                          "itself and continues from its last finished epoch")
+    job.add_argument("--cluster-config", metavar="FILE.toml", default=None,
+                     help="[slurm] partition, constraint, timeout_min, cpus_per_task, mem_gb, "
+                          "gpus_per_node")
+    job.add_argument("--partition", default=None, help="SLURM partition")
+    job.add_argument("--timeout-min", type=int, default=None,
+                     help="time limit of one run of the job (it requeues at the limit)")
+    job.add_argument("--gpus-per-node", type=int, default=None)
+    job.add_argument("--cpus-per-task", type=int, default=None)
+    job.add_argument("--mem-gb", type=float, default=None)
     for f in fields(PretrainConfig):
         if f.name not in HELP:  # derived, not a flag (lr_rule)
             continue
@@ -80,10 +95,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if f.name in HELP}
     try:
-        from .train import run  # torch import deferred so --help is instant
-
         cfg = preset_config(args.preset, **overrides)
-        ckpt = run(cfg, args.out, resume=args.resume)
+        if args.executor is None:
+            from .train import run  # torch import deferred so --help is instant
+
+            ckpt = run(cfg, args.out, resume=args.resume)
+        else:
+            from . import cluster
+
+            res = cluster.resources(args.cluster_config, {
+                "partition": args.partition, "timeout_min": args.timeout_min,
+                "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task,
+                "mem_gb": args.mem_gb})
+            ckpt = cluster.submit(cfg, args.out, args.executor, res, args.resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,15 +213,17 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
 
 @contextmanager
 def run_lock(out: Path):
-    """Hold ``out/.lock`` (pid, host) for the run: a second process on the same folder is one
-    clear error; a lock left by a dead process of this host is reported and taken over."""
+    """Hold ``out/.lock`` (pid, host, SLURM job) for the run: a second process on the same
+    folder is one clear error; a lock left by a dead process of this host, or by an earlier run
+    of this very SLURM job (a requeue: SLURM ended it first), is reported and taken over."""
     path = out / LOCK
-    owner = take(path)
-    if owner is not None and owner.alive() is False:
+    job = os.environ.get("SLURM_JOB_ID")
+    owner = take(path, job)
+    if owner is not None and (owner.alive() is False or (job and owner.job == job)):
         log.warning("removing the stale lock %s of %s (that process no longer runs)", path,
                     owner.describe())
         path.unlink(missing_ok=True)
-        owner = take(path)
+        owner = take(path, job)
     if owner is not None:
         raise UserError(f"run folder {out} is in use by {owner.describe()} (lock {path}). Wait "
                         "for that run to end or use another --out; if no such process runs "

@@ -90,13 +90,17 @@ def test_signal_at_each_phase_then_resume_is_exact(reference, tmp_path, phase, s
 
 
 def test_two_pretrainings_on_one_folder(reference, tmp_path):
-    out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "pretrain", *FLAGS, "--out", str(out)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, release = tmp_path / "run", tmp_path / "release"
+    # the first run pauses in its first epoch's training until ``release`` exists
+    first = subprocess.Popen([sys.executable, str(DRIVER), "hold", "0", "KILL", "--", *FLAGS,
+                              "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "DC_RELEASE": str(release)})
     deadline = time.time() + 120
     while not (out / ".lock").exists() and time.time() < deadline:
         time.sleep(0.05)
     second = pretrain(out, "--resume")
+    release.touch()
     assert second.returncode == 2, second.stderr[-2000:]
     msg, = error_lines(second)
     assert f"run folder {out} is in use by pid {first.pid}" in msg and ".lock" in msg

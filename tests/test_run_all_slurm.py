@@ -138,3 +138,65 @@ def test_arrays_outlive_run_all_and_a_rerun_neither_resubmits_nor_waits(tmp_path
                for r in records.read_results_file(f).records}
     assert {j.split("_")[0] for j in job_ids} == {j.split("_")[0] for j in jobs}
     assert not list(results.glob("*/*.claim"))
+
+
+REQUEUE_SUITE = """
+name = "requeue"
+[datasets]
+places = "embedded"
+[embedded]
+n_train_per_class = 40   # 400 images x 60 epochs: ~70 s on one core, past the 45 s signal
+n_val_per_class = 2
+[resources]
+gpus_per_node = 0
+cpus_per_task = 1
+mem_gb = 1
+timeout_min = 1
+[runtime]
+workers = 0
+[[cell]]
+task = "linear"
+datasets = ["places"]
+[cell.config]
+epochs = 60
+batch_size = 8
+input_size = 64
+resize_size = 72
+layers = ["conv1", "conv5"]
+"""
+
+
+def test_a_probe_cell_past_its_time_limit_is_requeued_by_slurm_and_resumes(tmp_path_factory):
+    """A 1-minute limit on a probe that needs longer: SLURM signals the job before the limit,
+    submitit requeues it (SLURM's accounting shows REQUEUED), the requeued job resumes at the
+    last finished epoch, and the numbers equal an uninterrupted local run's."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("requeue")
+    ckpt = tmp / "released.pth"
+    load_fixture_module("legacy_checkpoints.py", "legacy_checkpoints_fixture"
+                        ).write_released_checkpoint(ckpt, "alexnet", fc_dim=64, k=None)
+    (tmp / "suite.toml").write_text(REQUEUE_SUITE)
+    results = tmp / "results"
+    with LocalSlurm(tmp_path_factory.mktemp("slurm3"), first_job_id=900000) as cluster:
+        env, cmd = run_all_command(cluster, tmp, ckpt, results)
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+        (f,) = results.glob("*/linear-*.json")
+        recs = json.loads(f.read_text())["records"]
+        job = recs[0]["job_id"]
+        history = load_fixture_module("../test_pretrain_cluster.py", "pretrain_cluster_tests"
+                                      ).sacct_history(job, env)
+    assert "REQUEUED" in history, history  # its record exists: the requeued run completed
+    assert recs[0]["details"]["resumed_at_epoch"] >= 1
+    local = tmp / "local"
+    q = subprocess.run(cmd[:cmd.index("--executor")] + ["--executor", "local", "--results",
+                                                          str(local), "--cache",
+                                                          str(tmp / "cache")],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert q.returncode == 0, q.stderr[-3000:]
+    (g,) = local.glob("*/linear-*.json")
+    want = json.loads(g.read_text())["records"]
+    assert [(r["cell_key"], r["column"], r["selection"], r["variant"], r["value"])
+            for r in recs] == [(r["cell_key"], r["column"], r["selection"], r["variant"],
+                                r["value"]) for r in want]

@@ -1,0 +1,121 @@
+"""Pretraining as a cluster job: the cluster file, submitting through submitit (local and a
+REAL SLURM), and a run given a time limit shorter than it needs, requeued by SLURM and
+continued from its last epoch, ending with the weights of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcbench.core import UserError
+from pretrain import cluster
+from pretrain.config import preset_config
+from slurm.local_cluster import INSTALL_HINT, LocalSlurm
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["--preset", "demo", "--subset", "600", "--k", "12", "--fc-dim", "64", "--pca-dim", "16",
+        "--input-size", "64", "--resize-size", "72"]
+
+
+def test_cluster_file_then_command_line_override_the_paper_resources(tmp_path):
+    f = tmp_path / "cluster.toml"
+    f.write_text('[slurm]\npartition = "gpu"\ntimeout_min = 600\nmem_gb = 32\n')
+    res = cluster.resources(str(f), {"timeout_min": 30, "partition": None})
+    assert (res.partition, res.timeout_min, res.mem_gb) == ("gpu", 30, 32)
+    assert (res.gpus_per_node, res.cpus_per_task) == (1, 10)  # the paper's defaults
+    assert cluster.resources(None, {}) == cluster.PAPER_RESOURCES
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[slurm]\nqueue = "gpu"\n', "unknown key(s) ['queue']"),
+    ('partition = "gpu"\n', "one [slurm] table"),
+    ("[slurm\n", "cannot read"),
+])
+def test_bad_cluster_files_are_one_clear_error(tmp_path, text, needle):
+    f = tmp_path / "cluster.toml"
+    f.write_text(text)
+    with pytest.raises(UserError, match=None) as e:
+        cluster.resources(str(f), {})
+    assert needle in str(e.value) and str(f) in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        cluster.resources(str(tmp_path / "none.toml"), {})
+
+
+def test_submit_refuses_an_existing_run_before_submitting(tmp_path):
+    (tmp_path / "checkpoint.pth").write_bytes(b"x")
+    cfg = preset_config("demo", subset=100, k=5)
+    with pytest.raises(UserError, match="already holds a run"):
+        cluster.submit(cfg, tmp_path, "local", cluster.PAPER_RESOURCES, resume=False)
+    assert not (tmp_path / "_logs").exists()
+
+
+def sacct_history(job: str, env: dict, timeout_s: float = 120) -> list[str]:
+    """Every state SLURM's accounting recorded for ``job`` (``-D``: one per run), once the
+    last one is final (the accounting lags the job)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job],
+                                env=env, capture_output=True, text=True).stdout.split()
+        if (states and states[-1] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) \
+                or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def _pretrain(out: Path, *extra: str, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "pretrain", *TINY, "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _weights(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_local_executor_job_equals_the_in_process_run(tmp_path):
+    a = _pretrain(tmp_path / "inproc", "--epochs", "2")
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = _pretrain(tmp_path / "job", "--epochs", "2", "--executor", "local",
+                  "--cpus-per-task", "1", "--gpus-per-node", "0", "--mem-gb", "2",
+                  "--timeout-min", "20")
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert "submitted pretraining as job" in b.stdout
+    assert b.stdout.strip().splitlines()[-1] == str((tmp_path / "job" / "checkpoint.pth"))
+    _same_weights(tmp_path / "inproc", tmp_path / "job")
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not LocalSlurm.available() or not FMNIST.exists(),
+                    reason=f"needs {INSTALL_HINT} and dataset-fashion-mnist")
+def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_path):
+    epochs = "30"  # ~70 s on one core: past the 45 s at which SLURM signals a 1-min job
+    with LocalSlurm(tmp_path / "slurm", first_job_id=950000) as slurm:
+        env = {**os.environ, **slurm.env, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        p = _pretrain(tmp_path / "job", "--epochs", epochs, "--executor", "slurm",
+                      "--timeout-min", "1", "--cpus-per-task", "1", "--gpus-per-node", "0",
+                      "--mem-gb", "2", env=env)
+        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+        job = p.stdout.split("as job ")[1].split()[0]
+        history = sacct_history(job, env)
+    assert "REQUEUED" in history, history  # the job's result came back: it completed
+    log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(int(epochs)))  # each epoch logged once
+    whole = _pretrain(tmp_path / "whole", "--epochs", epochs)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    _same_weights(tmp_path / "whole", tmp_path / "job")
