@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        if args.executor != "slurm":  # a SLURM job goes on (cluster.submit said so)
+            print("interrupted; continue with --resume", file=sys.stderr)
         return 130
     print(ckpt)
     return 0
