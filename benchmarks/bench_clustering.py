@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.clustering import available_backends, kmeans, nmi, pca_whiten_l2  # noqa: E402
+from pretrain.clustering import (available_backends, fit_pca_whitening, kmeans, nmi,  # noqa: E402
+                                 pca_whiten_l2)
 
 log = logging.getLogger("bench_clustering")
 
@@ -38,9 +39,11 @@ class BenchConfig:
     niter: int = 20
     seed: int = 0
     repeat: int = 1  # best of this many timed calls
+    few_rows: int = 300  # a small run at the paper's fc7 width (issue 13: ~9 s/epoch in eigh)
+    wide_d: int = 4096
 
 
-QUICK = BenchConfig(n=5000, d_in=128, d=32, k=50)
+QUICK = BenchConfig(n=5000, d_in=128, d=32, k=50, few_rows=100, wide_d=512)
 
 
 def synthetic_features(cfg: BenchConfig) -> np.ndarray:
@@ -106,6 +109,14 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
         record("pca", "torch-cuda", t)
         del xg_in
 
+    # --- a small run at the paper's width (N < d): the Gram route vs the d x d scatter
+    few = synthetic_features(replace(cfg, n=cfg.few_rows, d_in=cfg.wide_d))
+    fit_pca_whitening(few[:64], 32)
+    _, t = timed(lambda: fit_pca_whitening(few, cfg.d, route="scatter"), cfg.repeat)
+    record(f"pca N={cfg.few_rows} d={cfg.wide_d}", "scatter", t)
+    _, t = timed(lambda: fit_pca_whitening(few, cfg.d, route="gram"), cfg.repeat)
+    record(f"pca N={cfg.few_rows} d={cfg.wide_d}", "gram", t)
+
     # --- k-means on the whitened features (the same array for every backend)
     results = {}
     runs = [("torch-cpu", "torch", "cpu")]
@@ -124,6 +135,8 @@ def run(quick: bool = False, cfg: BenchConfig | None = None) -> dict[str, Any]:
 
     seconds = {(r["step"], r["impl"].split(" ")[0]): r["seconds"] for r in rows}
     ratios = {}
+    wide = f"pca N={cfg.few_rows} d={cfg.wide_d}"
+    ratios[f"{wide} scatter/gram"] = seconds[(wide, "scatter")] / seconds[(wide, "gram")]
     agreement: dict[str, Any] = {}
     if have_faiss:
         for impl in ("torch-cpu", "torch-cpu-fp32scatter"):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from dcbench.core import atomic_write_json  # noqa: E402
 BENCHES = ("bench_clustering", "bench_linear_probe", "bench_pretrain", "bench_tables",
-           "bench_voc", "bench_voc_dense", "bench_retrieval")
+           "bench_voc", "bench_voc_dense", "bench_retrieval", "epoch")
 
 
 def _load(name: str):

@@ -46,6 +46,14 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+RANDOM_DIR = "_random"  # <results>/_random/: the never-trained baselines run_all writes
+
+
+def is_random_baseline(checkpoint_path: str) -> bool:
+    """Whether a record's checkpoint is one of run_all's never-trained baselines."""
+    return Path(checkpoint_path).parent.name == RANDOM_DIR
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a record says about the checkpoint it evaluated."""

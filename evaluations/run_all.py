@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array-parallelism", type=int, default=None,
                    help="max array tasks running at once")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the job matrix and the resources of each array; submit nothing")
+                   help="print the job matrix, the resources of each array and the estimated "
+                   "GPU-hours per cell, array and in all; submit nothing. The estimate is the "
+                   "cell's recipe (epochs or iterations, batch, input size) on the paper's full "
+                   "datasets with the paper's network on one P100-class GPU "
+                   "(evaluations/tasks.py): a scaled-down recipe scales it, but embedded data "
+                   "(--suite demo) is far smaller than the paper's, so its cells take far less")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -104,6 +109,7 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
 
 def checkpoints(args, suite, results: Path) -> list:
     from .backbone import describe_checkpoint, write_random_checkpoint
+    from .records import RANDOM_DIR
 
     if args.label and len(args.label) != len(args.ckpt):
         raise UserError(f"--label given {len(args.label)} times for {len(args.ckpt)} --ckpt; "
@@ -126,9 +132,23 @@ def checkpoints(args, suite, results: Path) -> list:
         specs = {ModelSpec(i.arch, i.sobel, i.fc_dim) for i in infos}
         for spec in sorted(specs, key=str):
             name = f"random-{spec.arch}-{'sobel' if spec.sobel else 'rgb'}-fc{spec.fc_dim}"
-            path = write_random_checkpoint(spec, results / "_random" / f"{name}.pth")
+            path = write_random_checkpoint(spec, results / RANDOM_DIR / f"{name}.pth")
             infos.append(describe_checkpoint(path, f"Random ({spec.arch}, same init)"))
     return infos
+
+
+def gpu_hours(cell) -> float:
+    """The estimated GPU-hours of ``cell`` (evaluations.tasks.estimate_gpu_hours)."""
+    from .tasks import estimate_gpu_hours, get_task
+
+    return estimate_gpu_hours(get_task(cell.task), cell.config, cell.dataset)
+
+
+def fmt_hours(hours: float) -> str:
+    """``~24.0 GPU-h``, ``~0.37 GPU-h``, ``<0.01 GPU-h``."""
+    if hours < 0.005:
+        return "<0.01 GPU-h"
+    return f"~{hours:.1f} GPU-h" if hours >= 1 else f"~{hours:.2f} GPU-h"
 
 
 def print_matrix(groups: dict, todo: list, skipped: list, executor: str) -> None:
@@ -139,14 +159,21 @@ def print_matrix(groups: dict, todo: list, skipped: list, executor: str) -> None
         r = asdict(cells[0].resources)
         print(f"\narray of {len(cells)} task(s): gpus={r['gpus_per_node']} cpus={r['cpus_per_task']} "
               f"mem={r['mem_gb']}G time={r['timeout_min']}min partition={r['partition']} "
-              f"parallelism={r['array_parallelism']}")
+              f"parallelism={r['array_parallelism']}; {fmt_hours(sum(map(gpu_hours, cells)))}")
         for task in sorted({c.task for c in cells}):
             print(f"  {task}: {get_task(task).description}")
         for c in cells:
             print(f"  {c.key:44s} {c.task:11s} {c.dataset:9s} seed={c.seed} "
-                  f"ckpt={c.checkpoint.label}")
+                  f"ckpt={c.checkpoint.label} {fmt_hours(gpu_hours(c))}")
     for c in skipped:
         print(f"  skip {c.key} (record exists)")
+    print(f"\ntotal: {fmt_hours(sum(map(gpu_hours, todo)))} for {len(todo)} cell(s) in "
+          f"{len(groups)} array(s): each cell's recipe on the paper's full datasets and network, "
+          "one P100-class GPU")
+    embedded = sum(c.dataset_name.startswith("embedded/") for c in todo)
+    if embedded:
+        print(f"  {embedded} of them read embedded data, far smaller than the paper's datasets: "
+              "they take far less")
 
 
 class Stopped(KeyboardInterrupt):

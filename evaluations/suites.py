@@ -42,7 +42,7 @@ from .records import CheckpointInfo, stable_hash
 from .tasks import get_task, resolve_config
 
 log = logging.getLogger(__name__)
-BUILTIN = ("demo", "paper")
+BUILTIN = ("demo", "paper", "k_ablation", "k_ablation_demo")
 RUNTIME_KEYS = frozenset(f.name for f in fields(Runtime))
 
 
@@ -116,7 +116,7 @@ def legacy_key(cell: Cell, runtime: dict) -> str:
 
 
 def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name (demo, paper) or a user's TOML file."""
+    """A built-in suite by name (:data:`BUILTIN`) or a user's TOML file."""
     if name_or_path in BUILTIN:
         text = ir.files("evaluations").joinpath(f"suites/{name_or_path}.toml").read_text()
         source = f"builtin:{name_or_path}"
@@ -124,7 +124,7 @@ def load_suite(name_or_path: str) -> Suite:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise UserError(f"unknown suite {name_or_path!r}: not one of {', '.join(BUILTIN)} and "
-                            f"no file {path} exists. Pass --suite demo|paper|FILE.toml.")
+                            f"no file {path} exists. Pass --suite NAME (one of those) or FILE.toml.")
         text, source = path.read_text(), str(path)
     try:
         data = tomllib.loads(text)

@@ -47,7 +47,51 @@ HELP = {
     "workers": "DataLoader worker processes",
     "seed": "run seed (every random draw derives from it and the epoch)",
     "device": "auto | cpu | cuda[:N]",
+    "precision": "fp32 | bf16: bf16 autocast of every forward pass (extraction and training; "
+                 "weights, optimizer and PCA stay fp32/fp64)",
+    "channels_last": "NHWC memory format for the network and its inputs (faster convolutions "
+                     "on recent GPUs)",
+    "sync_bn": "data-parallel runs (--executor with several processes): BatchNorm statistics "
+               "over the global batch (SyncBatchNorm, GPUs only); off: per process, as "
+               "DistributedDataParallel does by default",
 }
+
+
+JOB_FLAGS = ("cluster_config", "partition", "timeout_min", "gpus_per_node", "cpus_per_task",
+             "mem_gb", "nodes", "tasks_per_node")
+
+
+def add_resource_flags(group, what: str) -> None:
+    """The job-resource flags (:data:`JOB_FLAGS`) of ``python -m pretrain`` and the sweep."""
+    group.add_argument("--cluster-config", metavar="FILE.toml", default=None,
+                       help="[slurm] partition, constraint, timeout_min, cpus_per_task, "
+                            "mem_gb, gpus_per_node, nodes, tasks_per_node")
+    group.add_argument("--partition", default=None, help="SLURM partition")
+    group.add_argument("--timeout-min", type=int, default=None,
+                       help=f"time limit of one run of {what} (it requeues at the limit)")
+    group.add_argument("--gpus-per-node", type=int, default=None)
+    group.add_argument("--nodes", type=int, default=None,
+                       help=f"nodes of {what}, data-parallel (SLURM only)")
+    group.add_argument("--tasks-per-node", type=int, default=None,
+                       help="processes per node (default: one per GPU, else 1; on CPU, gloo "
+                            "processes)")
+    group.add_argument("--cpus-per-task", type=int, default=None)
+    group.add_argument("--mem-gb", type=float, default=None)
+
+
+def add_config_flags(group, skip: tuple[str, ...] = ()) -> None:
+    """One flag per :class:`PretrainConfig` setting (default None: the preset's value)."""
+    for f in fields(PretrainConfig):
+        if f.name not in HELP or f.name in skip:  # lr_rule is derived, not a flag
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=HELP[f.name])
+        else:
+            typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            group.add_argument(flag, dest=f.name, type=typ, default=None,
+                               help=f"{HELP[f.name]} (paper: {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,26 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--executor", choices=["slurm", "local"], default=None,
                      help="submit through submitit; at SLURM's time limit the job requeues "
                           "itself and continues from its last finished epoch")
-    job.add_argument("--cluster-config", metavar="FILE.toml", default=None,
-                     help="[slurm] partition, constraint, timeout_min, cpus_per_task, mem_gb, "
-                          "gpus_per_node")
-    job.add_argument("--partition", default=None, help="SLURM partition")
-    job.add_argument("--timeout-min", type=int, default=None,
-                     help="time limit of one run of the job (it requeues at the limit)")
-    job.add_argument("--gpus-per-node", type=int, default=None)
-    job.add_argument("--cpus-per-task", type=int, default=None)
-    job.add_argument("--mem-gb", type=float, default=None)
-    for f in fields(PretrainConfig):
-        if f.name not in HELP:  # derived, not a flag (lr_rule)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=None, help=HELP[f.name])
-        else:
-            typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=typ, default=None,
-                           help=f"{HELP[f.name]} (paper: {f.default})")
+    add_resource_flags(job, "the job")
+    add_config_flags(p)
     return p
 
 
@@ -96,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if f.name in HELP}
     try:
         cfg = preset_config(args.preset, **overrides)
+        job_flags = [f"--{k.replace('_', '-')}" for k in JOB_FLAGS if getattr(args, k) is not None]
+        if args.executor is None and job_flags:
+            raise UserError(f"{', '.join(job_flags)} describe a cluster job: add --executor "
+                            "slurm (or local), or drop them to train in this process.")
         if args.executor is None:
             from .train import run  # torch import deferred so --help is instant
 
@@ -106,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             res = cluster.resources(args.cluster_config, {
                 "partition": args.partition, "timeout_min": args.timeout_min,
                 "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task,
+                "nodes": args.nodes, "tasks_per_node": args.tasks_per_node,
                 "mem_gb": args.mem_gb})
             ckpt = cluster.submit(cfg, args.out, args.executor, res, args.resume)
     except UserError as e:

@@ -50,6 +50,9 @@ class PretrainConfig:
     workers: int = 4
     seed: int = 31
     device: str = "auto"  # auto | cpu | cuda
+    sync_bn: bool = False  # data-parallel runs: BatchNorm statistics over the global batch
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; weights stay fp32)
+    channels_last: bool = False  # NHWC memory format for the network and its inputs
 
     def validate(self) -> "PretrainConfig":
         if (self.data is None) == (self.dataset is None):
@@ -92,6 +95,8 @@ class PretrainConfig:
             raise UserError(f"--workers must be >= 0 (got {self.workers}).")
         if self.kmeans_backend not in ("auto", "faiss", "torch"):
             raise UserError(f"--kmeans-backend must be auto, faiss or torch (got {self.kmeans_backend!r}).")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"--precision must be fp32 or bf16 (got {self.precision!r}).")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r}).")
         return self

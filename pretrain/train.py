@@ -8,6 +8,8 @@ Every random draw of epoch ``e`` comes from generators seeded by ``(seed, e)``, 
 resumed from the checkpoint of epoch ``e`` is bit-identical (on CPU) to an uninterrupted one.
 Files in ``out``: ``checkpoint.pth`` (atomic, every epoch), ``log.jsonl`` (one line per epoch),
 ``assignments.bin`` (int32, one row of N per epoch, appended) and ``config.json``.
+Data-parallel runs (several ranks of one job, :mod:`pretrain.distributed`) share the loop:
+features are extracted per shard and clustered once on rank 0; rank 0 writes every file.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dcbench.core import (EnumeratedSampler, SeededDraws, UserError, atomic_write,
@@ -35,6 +39,7 @@ from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_rele
 from .config import PretrainConfig
 from .data import (ArrayImageDataset, ImageListDataset, fashion_mnist, loader_batches,
                    scan_image_folder)
+from .distributed import Dist, gather_rows, on_main, rank_batches, shard, sum_all
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
 
@@ -77,17 +82,41 @@ class PseudoLabelled(Dataset):
         return img, int(self.assign[i])
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How forward passes run (recorded options; the defaults are plain fp32 NCHW)."""
+
+    bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, cfg: PretrainConfig) -> "Speed":
+        return cls(cfg.precision == "bf16", cfg.channels_last)
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
 @torch.no_grad()
 def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
-                     device: torch.device, desc: str = "features") -> np.ndarray:
-    """fc7 before its ReLU for every image, in order, in eval mode."""
+                     device: torch.device, desc: str = "features",
+                     dist: Dist = Dist(), speed: Speed = Speed()) -> np.ndarray | None:
+    """fc7 before its ReLU for every image, in order, in eval mode (each rank extracts its
+    shard; rank 0 gets all rows, the other ranks None)."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    out = []
+    n = len(dataset)
+    part = dataset if not dist.grouped else Subset(dataset, shard(n, dist).tolist())
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = [torch.zeros(0, embed_dim(model))]
     for x, _, _ in tqdm(loader_batches(loader), total=len(loader), desc=desc, leave=False,
-                        mininterval=2):
-        out.append(model.embed(x.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out).numpy()
+                        mininterval=2, disable=not dist.is_main):
+        with speed.autocast(device):
+            out.append(model.embed(speed.inputs(x, device)).float().cpu())
+    return gather_rows(torch.cat(out), n, dist, device)
 
 
 @dataclass
@@ -157,18 +186,23 @@ def _resume(cfg: PretrainConfig, out: Path, model: TapNet, opt: torch.optim.Opti
                        prev_assign=prev.numpy().astype(np.int64) if prev is not None else None)
 
 
-def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
-                 head_opt: torch.optim.Optimizer, device: torch.device, epoch: int) -> float:
+def _train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer,
+                 head_opt: torch.optim.Optimizer, device: torch.device, epoch: int,
+                 dist: Dist = Dist(), speed: Speed = Speed()) -> float:
+    """One pass; ``model`` may be DistributedDataParallel (then the loss checked and logged
+    is the global batch's: every rank stops together on a NaN)."""
     model.train()
     crit = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     bar = tqdm(loader_batches(loader), total=len(loader), desc=f"train {epoch}", leave=False,
-               mininterval=2)
+               mininterval=2, disable=not dist.is_main)
     for it, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = crit(model(x), y)
+        x, y = speed.inputs(x, device), y.to(device, non_blocking=True)
+        with speed.autocast(device):
+            loss = crit(model(x).float(), y)
         lr = opt.param_groups[0]["lr"]
-        check_finite_loss(loss.item(), f"epoch {epoch}, iteration {it}",
+        step_sum, step_count = sum_all([loss.item() * len(y), float(len(y))], dist, device)
+        check_finite_loss(step_sum / step_count, f"epoch {epoch}, iteration {it}",
                           f"rerun with a lower --lr (now {lr}): no epoch had finished"
                           if epoch == 0 else f"lower --lr (now {lr}) and continue from the "
                           f"intact checkpoint of epoch {epoch} with --resume")
@@ -177,16 +211,24 @@ def _train_epoch(model: TapNet, loader: DataLoader, opt: torch.optim.Optimizer,
         loss.backward()
         opt.step()
         head_opt.step()
-        total += loss.item() * len(y)
-        count += len(y)
+        total += step_sum
+        count += step_count
     return total / max(count, 1)
 
 
-def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
-    """Pretrain DeepCluster as ``cfg`` says; return the checkpoint path."""
+def run(cfg: PretrainConfig, out: str | Path, resume: bool = False, dist: Dist = Dist()
+        ) -> Path:
+    """Pretrain DeepCluster as ``cfg`` says; return the checkpoint path. ``dist``: this
+    process's rank in a data-parallel job (every rank calls ``run``)."""
     cfg = cfg.validate()
     out = Path(out).expanduser()
     device = resolve_device(cfg.device)
+    if cfg.sync_bn and dist.world_size > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                        "drop it on CPU.")
+    if cfg.batch_size % dist.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} "
+                        "processes; use a multiple of the number of processes.")
     make_ds, labels, desc = load_pretrain_data(cfg)
     data = (make_ds(train_transform(cfg.input_size)),
             make_ds(eval_transform(cfg.resize_size, cfg.input_size)), labels)
@@ -197,18 +239,24 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run (it is created "
                         "if missing).")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(out, e) from None
-    with run_lock(out):
-        remove_stale_temps(out)
-        if not resume and (out / "checkpoint.pth").exists():
-            raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume to "
-                            "continue it, or choose another --out.")
-        log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, lr %g (%s), device %s",
-                 desc, n, cfg.arch, cfg.sobel, cfg.k, cfg.lr, cfg.lr_rule, device)
-        return _train(cfg, out, resume, data, device)
+    with ExitStack() as stack:
+        def checks() -> None:  # rank 0 holds the lock and writes every file
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(out, e) from None
+            stack.enter_context(run_lock(out))
+            remove_stale_temps(out)
+            if not resume and (out / "checkpoint.pth").exists():
+                raise UserError(f"{out} already holds a run (checkpoint.pth). Pass --resume "
+                                "to continue it, or choose another --out.")
+
+        on_main(dist, checks)  # the other ranks wait for it, and stop with its error
+        if dist.is_main:
+            log.info("DeepCluster on %s (N=%d), %s sobel=%s k=%d, lr %g (%s), device %s%s",
+                     desc, n, cfg.arch, cfg.sobel, cfg.k, cfg.lr, cfg.lr_rule, device,
+                     f", {dist.world_size} processes ({dist.backend})" if dist.grouped else "")
+        return _train(cfg, out, resume, data, device, dist)
 
 
 @contextmanager
@@ -260,7 +308,43 @@ def _nonfinite(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return bad
 
 
-def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device) -> Path:
+@dataclass
+class Clustering:
+    """What rank 0's clustering of one epoch gives every rank (and the log)."""
+
+    assign: np.ndarray
+    kmeans_loss: float
+    empty_splits: int
+    health: dict
+    seconds: dict
+
+
+def _cluster(cfg: PretrainConfig, feats: np.ndarray, epoch: int, out: Path, backend: str,
+             device: torch.device) -> Clustering:
+    """PCA-whitening + L2 + k-means of one epoch's features (rank 0)."""
+    t0 = time.perf_counter()
+    try:
+        pca = clustering.fit_pca_whitening(feats, cfg.pca_dim)
+    except clustering.FeatureCollapse as e:
+        raise UserError(f"{e}: {_collapse_advice(cfg, epoch, out)}.") from None
+    health = feature_health(feats, pca)
+    if health["tail_ratio"] < COLLAPSE_WARNING_TAIL:
+        log.warning("epoch %d: eigenvalue %d of the features is only %.2g of the largest "
+                    "(effective rank %.1f): the representation may be collapsing; if the "
+                    "next epochs fail, %s", epoch, cfg.pca_dim, health["tail_ratio"],
+                    health["effective_rank"], _collapse_advice(cfg, epoch, out))
+    x = pca.transform(torch.from_numpy(feats)).numpy()
+    t1 = time.perf_counter()
+    km = clustering.kmeans(x, cfg.k, niter=cfg.kmeans_iters,
+                           seed=derive_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
+                           device=device)
+    return Clustering(np.asarray(km.assign, dtype=np.int64), float(km.loss),
+                      int(km.empty_splits), health,
+                      {"pca": t1 - t0, "kmeans": time.perf_counter() - t1})
+
+
+def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
+           dist: Dist = Dist()) -> Path:
     ds_train, ds_eval, labels = data
     n = len(ds_eval)
     backend = cfg.kmeans_backend
@@ -268,49 +352,53 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device) -> Path:
         backend = "faiss" if "faiss" in clustering.available_backends() else "torch"
     torch.manual_seed(cfg.seed)
     model = build_model(ModelSpec(cfg.arch, cfg.sobel, cfg.fc_dim, None)).to(device)
+    speed = Speed.of(cfg)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     state = _resume(cfg, out, model, opt) if resume else ResumeState()
     assignments = Assignments(out / "assignments.bin", n)
-    assignments.truncate(state.epoch)
-    _truncate_log(out / "log.jsonl", state.epoch)
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if dist.is_main:
+        assignments.truncate(state.epoch)
+        _truncate_log(out / "log.jsonl", state.epoch)
+        atomic_write_json(out / "config.json", cfg.to_dict())
     prev = state.prev_assign
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, epoch))
         t = {"start": time.perf_counter()}
         feats = extract_features(model, ds_eval, max(cfg.batch_size, FEATURE_BATCH), cfg.workers,
-                                 device, desc=f"features {epoch}")
+                                 device, desc=f"features {epoch}", dist=dist, speed=speed)
         t["features"] = time.perf_counter()
-        try:
-            pca = clustering.fit_pca_whitening(feats, cfg.pca_dim)
-        except clustering.FeatureCollapse as e:
-            raise UserError(f"{e}: {_collapse_advice(cfg, epoch, out)}.") from None
-        health = feature_health(feats, pca)
-        if health["tail_ratio"] < COLLAPSE_WARNING_TAIL:
-            log.warning("epoch %d: eigenvalue %d of the features is only %.2g of the largest "
-                        "(effective rank %.1f): the representation may be collapsing; if the "
-                        "next epochs fail, %s", epoch, cfg.pca_dim, health["tail_ratio"],
-                        health["effective_rank"], _collapse_advice(cfg, epoch, out))
-        x = pca.transform(torch.from_numpy(feats)).numpy()
-        t["pca"] = time.perf_counter()
-        km = clustering.kmeans(x, cfg.k, niter=cfg.kmeans_iters,
-                               seed=derive_seed(cfg.seed, epoch, 1) % (2**31), backend=backend,
-                               device=device)
+        cl = on_main(dist, partial(_cluster, cfg, feats, epoch, out, backend, device))
+        feats = None  # freed before training
+        t["pca"] = t["features"] + cl.seconds["pca"]
         t["kmeans"] = time.perf_counter()
-        assign = np.asarray(km.assign, dtype=np.int64)
-        assignments.append(assign)
+        assign = cl.assign
+        if dist.is_main:
+            assignments.append(assign)
 
         sampler = make_sampler(cfg.sampler, assign, cfg.reassign, derive_seed(cfg.seed, epoch, 2))
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 3))
         draws = SeededDraws(PseudoLabelled(ds_train, assign), derive_seed(cfg.seed, "crops"))
         draws.set_epoch(epoch)  # crops: a function of (seed, epoch, draw), whatever --workers
-        loader = DataLoader(draws, batch_size=cfg.batch_size, sampler=EnumeratedSampler(sampler),
-                            num_workers=cfg.workers, generator=gen, drop_last=False)
+        # the same global batches on any number of ranks, each rank one slice of each
+        batches = rank_batches(list(EnumeratedSampler(sampler)), cfg.batch_size, dist)
+        loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
+                            generator=gen)
         model.top_layer = make_top_layer(embed_dim(model), cfg.k).to(device)
         head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=cfg.head_lr,
                                    weight_decay=cfg.head_weight_decay)
-        train_loss = _train_epoch(model, loader, opt, head_opt, device, epoch)
+        net: nn.Module = model
+        if dist.grouped:  # rebuilt every epoch: the head is new (rank 0's copy is broadcast)
+            net = DistributedDataParallel(model, device_ids=[0] if device.type == "cuda"
+                                          else None)
+            if dist.world_size > 1:  # dropout masks differ across ranks
+                torch.manual_seed(derive_seed(cfg.seed, epoch, 4, dist.rank))
+        train_loss = _train_epoch(net, loader, opt, head_opt, device, epoch, dist=dist,
+                                  speed=speed)
         t["train"] = time.perf_counter()
         bad = _nonfinite(model, opt)
         if bad:  # never let a broken state replace the last good checkpoint
@@ -320,43 +408,53 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device) -> Path:
             raise UserError(f"after the last step of epoch {epoch} the network holds NaN/inf "
                             f"({len(bad)} tensors, e.g. {bad[0]}): training diverged (--lr "
                             f"{cfg.lr}, --momentum {cfg.momentum}); {kept} (now {cfg.lr}).")
-
-        sizes = np.bincount(assign, minlength=cfg.k)
-        row = {
-            "epoch": epoch,
-            "nmi_prev": None if prev is None else clustering.nmi(prev, assign),
-            "nmi_labels": None if labels is None or (labels < 0).any()
-            else clustering.nmi(labels, assign),
-            "kmeans_loss": float(km.loss), "train_loss": train_loss,
-            "empty_clusters": int((sizes == 0).sum()), "empty_splits": int(km.empty_splits),
-            "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)),
-                             "max": int(sizes.max())},
-            "features": health,
-            "seconds": {k: round(t[k] - t[p], 3) for p, k in
-                        zip(["start", "features", "pca", "kmeans"],
-                            ["features", "pca", "kmeans", "train"])}
-            | {"total": round(t["train"] - t["start"], 3)},
-            "img_per_s": {"features": round(n / max(t["features"] - t["start"], 1e-9), 1),
-                          "train": round(len(sampler) / max(t["train"] - t["kmeans"], 1e-9), 1)},
-        }
-        # log first, checkpoint last: a crash in between is undone by _truncate_log on resume
-        try:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            raise write_error(out / "log.jsonl", e) from None
-        atomic_torch_save({
-            "format": FORMAT, "epoch": epoch + 1, "arch": cfg.arch,
-            "state_dict": to_released_keys(model.state_dict()), "optimizer": opt.state_dict(),
-            "config": cfg.to_dict(), "k": cfg.k, "sobel": cfg.sobel, "fc_dim": cfg.fc_dim,
-            "assign": torch.from_numpy(assign.astype(np.int32)),
-        }, out / "checkpoint.pth")
-        log.info("epoch %d: nmi_prev %s nmi_labels %s kmeans %.4g loss %.4f empty %d eff.rank "
-                 "%.1f (%.1fs)", epoch, _fmt(row["nmi_prev"]), _fmt(row["nmi_labels"]),
-                 row["kmeans_loss"], train_loss, row["empty_clusters"],
-                 health["effective_rank"], row["seconds"]["total"])
+        if dist.is_main:
+            _save_epoch(cfg, out, model, opt, epoch, assign, prev, labels, cl, train_loss, t,
+                        len(sampler), n, dist)
         prev = assign
     return out / "checkpoint.pth"
+
+
+def _save_epoch(cfg: PretrainConfig, out: Path, model: TapNet, opt, epoch: int,
+                assign: np.ndarray, prev, labels, cl: Clustering, train_loss: float, t: dict,
+                draws: int, n: int, dist: Dist) -> None:
+    """Rank 0: the epoch's log line, then its checkpoint."""
+    sizes = np.bincount(assign, minlength=cfg.k)
+    row = {
+        "epoch": epoch,
+        "nmi_prev": None if prev is None else clustering.nmi(prev, assign),
+        "nmi_labels": None if labels is None or (labels < 0).any()
+        else clustering.nmi(labels, assign),
+        "kmeans_loss": cl.kmeans_loss, "train_loss": train_loss,
+        "empty_clusters": int((sizes == 0).sum()), "empty_splits": cl.empty_splits,
+        "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                         "max": int(sizes.max())},
+        "features": cl.health,
+        "seconds": {k: round(t[k] - t[p], 3) for p, k in
+                    zip(["start", "features", "pca", "kmeans"],
+                        ["features", "pca", "kmeans", "train"])}
+        | {"total": round(t["train"] - t["start"], 3)},
+        "img_per_s": {"features": round(n / max(t["features"] - t["start"], 1e-9), 1),
+                      "train": round(draws / max(t["train"] - t["kmeans"], 1e-9), 1)},
+        "world_size": dist.world_size,
+    }
+    # log first, checkpoint last: a crash in between is undone by _truncate_log on resume
+    try:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise write_error(out / "log.jsonl", e) from None
+    atomic_torch_save({
+        "format": FORMAT, "epoch": epoch + 1, "arch": cfg.arch,
+        "state_dict": to_released_keys(model.state_dict()), "optimizer": opt.state_dict(),
+        "config": cfg.to_dict(), "k": cfg.k, "sobel": cfg.sobel, "fc_dim": cfg.fc_dim,
+        "assign": torch.from_numpy(assign.astype(np.int32)),
+        "world_size": dist.world_size,
+    }, out / "checkpoint.pth")
+    log.info("epoch %d: nmi_prev %s nmi_labels %s kmeans %.4g loss %.4f empty %d eff.rank "
+             "%.1f (%.1fs)", epoch, _fmt(row["nmi_prev"]), _fmt(row["nmi_labels"]),
+             row["kmeans_loss"], train_loss, row["empty_clusters"],
+             cl.health["effective_rank"], row["seconds"]["total"])
 
 
 def _fmt(v: float | None) -> str:

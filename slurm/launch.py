@@ -61,9 +61,12 @@ class Resources:
     partition: str | None = None
     array_parallelism: int = 64
     constraint: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1  # processes per node (data-parallel ranks: one per GPU)
 
     def __post_init__(self) -> None:
-        minimums = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 0, "timeout_min": 1}
+        minimums = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 0, "timeout_min": 1,
+                    "nodes": 1, "tasks_per_node": 1}
         for name, minimum in (*minimums.items(), ("array_parallelism", 1)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < minimum or (name == "mem_gb" and value == 0):
@@ -82,7 +85,7 @@ class Resources:
         """How many such jobs fit on this machine at once (the local executor's limit)."""
         if self.gpus_per_node > 0:
             return 1
-        fit = max(1, (os.cpu_count() or 1) // self.cpus_per_task)
+        fit = max(1, (os.cpu_count() or 1) // (self.cpus_per_task * self.tasks_per_node))
         return min(self.array_parallelism, fit)
 
 
@@ -143,8 +146,8 @@ def _parameters(kind: str, resources: Resources, name: str) -> dict[str, Any]:
         "timeout_min": int(resources.timeout_min),
         "mem_gb": float(resources.mem_gb),
         "cpus_per_task": int(resources.cpus_per_task),
-        "tasks_per_node": 1,
-        "nodes": 1,
+        "tasks_per_node": int(resources.tasks_per_node),
+        "nodes": int(resources.nodes),
     }
     if resources.gpus_per_node > 0:  # '--gpus-per-node=0' is rejected by clusters without GPUs
         params["gpus_per_node"] = int(resources.gpus_per_node)
@@ -396,12 +399,14 @@ def wait(
 
 
 def _collect(index: int, job: Any) -> JobOutcome:
-    """Read a finished job's result or error (a debug job runs here, in this process)."""
+    """Read a finished job's result or error (a debug job runs here, in this process); a job
+    of several tasks (data-parallel ranks) gives the result of its first task."""
     outcome = JobOutcome(index=index, job=job)
     try:
         outcome.error = job.exception()
         if outcome.error is None:
-            outcome.result = job.result()
+            outcome.result = (job.results()[0] if isinstance(job, submitit.Job)
+                              else job.result())
     except Exception as error:  # noqa: BLE001 - any failure to read the outcome is the job's
         outcome.error = error
     _add_log_paths(outcome)
@@ -436,11 +441,40 @@ def _without_result(index: int, job: Any) -> JobOutcome:
     log_tail = ""
     if outcome.stderr is not None and outcome.stderr.exists():
         log_tail = outcome.stderr.read_text(errors="replace")[-2000:]
+    state = final_state(job)
     outcome.error = UncompletedJobError(
-        f"Job {job.job_id} ended without a result (killed, cancelled, or out of time or "
-        f"memory; state: {job.state}). Its log: {outcome.stderr}\n{log_tail}"
+        f"Job {job.job_id} ended without a result: {ending(state)} (state: {state}). "
+        f"Its log: {outcome.stderr}\n{log_tail}"
     )
     return outcome
+
+
+def final_state(job: Any) -> str:
+    """How the scheduler says ``job`` ended: for SLURM, sacct asked afresh (submitit's cached
+    state may still say RUNNING for a job that squeue no longer lists)."""
+    if isinstance(job, SlurmJob):
+        try:
+            return job.get_info(mode="force").get("State") or "UNKNOWN"
+        except Exception:  # noqa: BLE001 - no accounting: the state cannot be told
+            return "UNKNOWN"
+    return str(job.state)
+
+
+_ENDINGS = {
+    "CANCELLED": "cancelled (scancel, or an administrator)",
+    "TIMEOUT": "out of time (raise --timeout-min or the suite's [resources] timeout_min)",
+    "OUT_OF_MEMORY": "out of memory (raise the suite's [resources] mem_gb)",
+    "NODE_FAIL": "its node failed",
+    "BOOT_FAIL": "its node failed to boot",
+    "PREEMPTED": "preempted and not requeued",
+    "DEADLINE": "past its deadline",
+}
+
+
+def ending(state: str) -> str:
+    """Why a job in SLURM state ``state`` (``CANCELLED by 0``, ``TIMEOUT``...) left no result."""
+    word = state.split()[0].rstrip("+") if state.strip() else ""
+    return _ENDINGS.get(word, "killed, cancelled, or out of time or memory")
 
 
 def _report(outcome: JobOutcome, on_done: Callable[[JobOutcome], None] | None) -> None:

@@ -8,7 +8,10 @@
   mean, std and n over seeds; a column without a record shows ``failed`` (failure file) or
   ``missing``.
 * :func:`build_view` joins the paper's published rows, our rows and the Δ rows into the
-  display strings that :mod:`tables.render` writes out.
+  display strings that :mod:`tables.render` writes out. Δ is against the paper's DeepCluster
+  for rows computed on the real datasets, and against the Random row of the same architecture
+  for rows computed on the embedded data (the paper's own comparison; Δ against published
+  numbers of other datasets would mean nothing).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from evaluations.records import (
     CellFile,
     CorruptRecord,
     Failure,
+    is_random_baseline,
     iter_results_files,
     read_labels,
     read_results_file,
@@ -35,7 +39,8 @@ log = logging.getLogger(__name__)
 
 RUN_ALL_HINT = "run `python -m evaluations.run_all --ckpt ...` first, or pass --results DIR"
 RECORD_COLUMNS = ("table", "column", "protocol", "selection", "variant", "seed", "metric",
-                  "value", "dataset_name", "ckpt_label", "ckpt_id", "ckpt_k", "file")
+                  "value", "dataset_name", "ckpt_label", "ckpt_id", "ckpt_k", "ckpt_arch",
+                  "ckpt_random", "file")
 FAILURE_COLUMNS = ("table", "column", "protocol", "ckpt_label", "ckpt_id", "error", "file")
 GROUP_KEYS = ["ckpt_label", "protocol", "selection", "variant"]
 
@@ -67,6 +72,12 @@ def _ckpt_fields(ckpt: object, path: Path) -> tuple[str, str, int | None]:
     return label, cid, int(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else None
 
 
+def _ckpt_kind(ckpt: object) -> tuple[str, bool]:
+    """(architecture, whether it is run_all's never-trained baseline) of a record's checkpoint."""
+    c = ckpt if isinstance(ckpt, dict) else {}
+    return str(c.get("arch") or ""), is_random_baseline(str(c.get("path") or ""))
+
+
 def _record_rows(cell: CellFile, path: Path, labels: dict[str, str]) -> list[dict]:
     rows = []
     for i, r in enumerate(cell.records):
@@ -76,12 +87,14 @@ def _record_rows(cell: CellFile, path: Path, labels: dict[str, str]) -> list[dic
             continue
         label, cid, k = _ckpt_fields(r.checkpoint, path)
         label = labels.get(cid, label)
+        arch, random_init = _ckpt_kind(r.checkpoint)
         rows.append({
             "table": str(r.table), "column": str(r.column),
             "protocol": str(r.protocol), "selection": str(r.selection or ""),
             "variant": str(r.variant or ""), "seed": r.seed, "metric": str(r.metric),
             "value": value, "dataset_name": str(r.dataset_name or ""),
-            "ckpt_label": label, "ckpt_id": cid, "ckpt_k": k, "file": str(path),
+            "ckpt_label": label, "ckpt_id": cid, "ckpt_k": k, "ckpt_arch": arch,
+            "ckpt_random": random_init, "file": str(path),
         })
     return rows
 
@@ -185,6 +198,9 @@ class OurRow:
     selection: str
     variant: str
     cells: dict[str, CellStat]
+    arch: str = ""
+    random_init: bool = False  # run_all's never-trained baseline
+    embedded: bool = False  # every record of the row is on the embedded demo data
 
     @property
     def label(self) -> str:
@@ -294,6 +310,17 @@ def _cells(spec: TableSpec, key: tuple, lookup: dict, failed: set[tuple]) -> dic
     return cells
 
 
+def _row_kinds(df: pd.DataFrame) -> dict[tuple, dict]:
+    """Per row key: its architecture, whether it is a Random baseline, whether its records
+    are all on the embedded data."""
+    out = {}
+    for key, g in df.groupby(GROUP_KEYS, sort=False):
+        out[tuple(key)] = {
+            "arch": str(g["ckpt_arch"].iloc[0]), "random_init": bool(g["ckpt_random"].all()),
+            "embedded": bool(g["dataset_name"].str.startswith(EMBEDDED_PREFIX).all())}
+    return out
+
+
 def collate_table(spec: TableSpec, results: Results, selection: str | None = DEFAULT,
                   variant: str | None = DEFAULT) -> Collated:
     """Pivot one table: one row per (checkpoint label, protocol, selection, variant).
@@ -323,7 +350,9 @@ def collate_table(spec: TableSpec, results: Results, selection: str | None = DEF
 
     lookup = stats.to_dict("index")
     failed = set(zip(fail["ckpt_label"], fail["protocol"], fail["column"]))
-    rows = [OurRow(*key, cells=_cells(spec, key, lookup, failed))
+    kinds = _row_kinds(df)
+    rows = [OurRow(*key, cells=_cells(spec, key, lookup, failed),
+                   **kinds.get(key, {}))
             for key in _row_keys(list(mean.index), fail, selection, variant)]
 
     embedded = sorted({d for d in df["dataset_name"] if d.startswith(EMBEDDED_PREFIX)})
@@ -429,8 +458,14 @@ def _reference(spec: TableSpec) -> tuple[str, dict[str, float | None]]:
 def _caption(col: Collated, ref_label: str) -> str:
     """Protocol, selection rule, cell format; warnings that change how to read the rows."""
     spec = col.spec
+    deltas = []
+    if any(not r.embedded for r in col.rows) or not col.rows:
+        deltas.append(f"Δ vs paper = ours − paper {ref_label}")
+    if any(r.embedded for r in col.rows):
+        deltas.append("on the embedded data, Δ vs Random = ours − the never-trained network of "
+                      "the same architecture in the same suite (the paper's comparison)")
     parts = [f"Protocol: {spec.protocol_note}.", _selection_text(col),
-             f"Our cells: mean ± std (n) over seeds; Δ = ours − paper {ref_label}."]
+             f"Our cells: mean ± std (n) over seeds; {'; '.join(deltas)}."]
     if col.embedded_datasets:
         parts.append("Our numbers come from the embedded demo suite ("
                      f"{', '.join(col.embedded_datasets)}), not the paper's datasets: they "
@@ -449,6 +484,21 @@ def _notes(spec: TableSpec) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def _random_of(row: OurRow, rows: list[OurRow]) -> OurRow | None:
+    """The embedded Random row of ``row``'s architecture, protocol, selection and variant."""
+    for b in rows:
+        if (b.random_init and b.embedded and b.arch == row.arch
+                and (b.protocol, b.selection, b.variant)
+                == (row.protocol, row.selection, row.variant)):
+            return b
+    return None
+
+
+def _shown(value: float | None) -> float | None:
+    """A value as the table displays it (one decimal)."""
+    return None if value is None else float(f"{value:.1f}")
+
+
 def build_view(col: Collated) -> TableView:
     """Paper rows, then our rows, then one Δ row per our row."""
     spec = col.spec
@@ -463,7 +513,14 @@ def build_view(col: Collated) -> TableView:
         rows.append(ViewRow("ours", r.label, blank, tuple(c.text for c in cells),
                             tuple(c.mean for c in cells)))
     for r in col.rows:
-        rows.append(ViewRow("delta", f"Δ vs paper {ref_label} ({r.label})", blank,
-                            tuple(_delta_text(r.cells[k].mean, ref.get(k)) for k in keys),
-                            tuple(None for _ in keys)))
+        if not r.embedded:
+            rows.append(ViewRow("delta", f"Δ vs paper {ref_label} ({r.label})", blank,
+                                tuple(_delta_text(r.cells[k].mean, ref.get(k)) for k in keys),
+                                tuple(None for _ in keys)))
+            continue
+        base = _random_of(r, col.rows)
+        if base is not None and base is not r:
+            rows.append(ViewRow("delta", f"Δ vs Random ({r.label})", blank,
+                                tuple(_delta_text(r.cells[k].mean, _shown(base.cells[k].mean))
+                                      for k in keys), tuple(None for _ in keys)))
     return TableView(spec, spec.title, _caption(col, ref_label), tuple(rows), _notes(spec))

@@ -2,6 +2,7 @@
 (never asserted on time: only on what the numbers must satisfy whatever the machine)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,7 +57,90 @@ def test_benchmark_runner_quick(tmp_path):
     share = ret["cell"]["share"]
     assert set(share) == {"extract", "whiten", "rank", "score"}
     assert sum(share.values()) == pytest.approx(1.0, abs=0.01)
+    epoch = res["epoch"]  # benchmarks/epoch.py --smoke (test_epoch_benchmark_smoke checks it)
+    assert epoch["settings"]["n"] == 64 and epoch["projection"]["images"] == 1_281_167
     tab = res["bench_tables"]
     assert tab["records"] == 500 and tab["files"] == 100  # 5 records per cell file
     assert tab["records_per_s"] == pytest.approx(
         500 / (tab["load_s"] + tab["collate_s"] + tab["render_s"]), rel=1e-6)
+
+
+PHASES = {"decode": "img_per_s", "forward": "img_per_s", "extract": "img_per_s",
+          "pca": "seconds", "pca_full_width": "seconds", "eigh": "seconds",
+          "kmeans": "seconds", "kmeans_imagenet_shape": "seconds", "train_step": "img_per_s",
+          "train": "img_per_s"}
+
+
+@pytest.mark.slow
+def test_epoch_benchmark_smoke(tmp_path):
+    """benchmarks/epoch.py --smoke: an ImageNet-layout folder of real-size JPEGs, every phase
+    measured, and the projection to ImageNet recomputed here from the reported phases."""
+    import math
+
+    from PIL import Image
+
+    out, data = tmp_path / "report.json", tmp_path / "data"
+    p = subprocess.run([sys.executable, "benchmarks/epoch.py", "--smoke", "--out", str(out),
+                        "--folder", str(data)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "projected epoch on 1,281,167 images" in p.stdout
+    rep = json.loads(out.read_text())
+    n = rep["settings"]["n"]
+    assert n == 64 and rep["used"]["k"] == 8 and rep["used"]["device"] == "cpu"
+    ph = rep["phases"]
+    assert set(PHASES) <= set(ph)
+    for name, key in PHASES.items():
+        assert ph[name]["seconds"] > 0 and math.isfinite(ph[name]["seconds"]), name
+        assert ph[name][key] > 0 and math.isfinite(ph[name][key]), name
+    for name in ("decode", "extract", "train"):  # the whole folder, once
+        assert ph[name]["images"] == n
+        assert ph[name]["img_per_s"] == pytest.approx(n / ph[name]["seconds"], rel=1e-9)
+    assert ph["pca_full_width"]["dim_in"] == ph["eigh"]["dim"] == rep["used"]["feature_dim"] == 128
+    assert ph["pca_full_width"]["rows"] == 129  # max(n, d + 1): the d x d scatter path
+
+    # the folder: <data>/train/<wnid>/*.JPEG, n files, sizes as the manifest says
+    files = sorted((data / "train").glob("n*/*.JPEG"))
+    assert len(files) == n
+    manifest = json.loads((data / "manifest.json").read_text())
+    sizes = {rel: (w, h, nbytes) for rel, w, h, nbytes in manifest["files"]}
+    for f in files:
+        w, h, nbytes = sizes[str(f.relative_to(data))]
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (w, h)
+        assert 300 <= min(w, h) and max(w, h) <= 640  # ImageNet-like
+        assert f.stat().st_size == nbytes
+    mean_bytes = sum(f.stat().st_size for f in files) / n
+    assert rep["folder"]["mean_bytes"] == pytest.approx(mean_bytes)
+    assert 60_000 < mean_bytes < 200_000  # ImageNet's JPEGs average ~110 KB
+
+    # the projection, recomputed from the reported phases
+    N, k = 1_281_167, rep["settings"]["k"]
+    km = ph["kmeans_imagenet_shape"]
+    assert km["rows"] == 1024 and km["k"] == 2  # ImageNet's N / k points per cluster, >= 2
+    pca_fixed = ph["eigh"]["seconds"]
+    pca_row = max(ph["pca_full_width"]["seconds"] - pca_fixed, 0) / ph["pca_full_width"]["rows"]
+    want = {"extract": N / ph["extract"]["img_per_s"], "pca": pca_fixed + pca_row * N,
+            "kmeans": km["seconds"] * N / km["rows"] * k / km["k"],
+            "train": N / ph["train"]["img_per_s"]}
+    want["total"] = sum(want.values())
+    proj = rep["projection"]
+    assert proj["images"] == N and set(proj["seconds"]) == set(want)
+    for key, value in want.items():
+        assert proj["seconds"][key] == pytest.approx(value, rel=1e-9), key
+    assert proj["vs_target_epoch"] == pytest.approx(want["total"] / 180, rel=1e-9)
+    assert proj["vs_p100_epoch"] == pytest.approx(want["total"] / (12 * 86_400 / 500), rel=1e-9)
+    r = rep["ratios"]
+    assert r["vs_model"]["train_vs_train_step"] == pytest.approx(
+        ph["train"]["img_per_s"] / ph["train_step"]["img_per_s"], rel=1e-9)
+    assert r["vs_h200"]["train"] == pytest.approx(ph["train"]["img_per_s"] / 20_002, rel=1e-9)
+
+    # a second build of the same settings reuses the folder untouched
+    spec = importlib.util.spec_from_file_location("bench_epoch", REPO / "benchmarks/epoch.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_epoch"] = mod
+    spec.loader.exec_module(mod)
+    mtime = files[0].stat().st_mtime_ns
+    settings = mod.replace(mod.Settings(), **mod.SMOKE)
+    assert mod.build_folder(data, settings) == manifest
+    assert files[0].stat().st_mtime_ns == mtime

@@ -334,3 +334,29 @@ def test_nmi_is_symmetric_and_differs_from_arithmetic() -> None:
     assert nmi(a, b) == pytest.approx(nmi(b, a), rel=1e-12)
     arithmetic = sk_metrics.normalized_mutual_info_score(a, b)
     assert abs(nmi(a, b) - arithmetic) > 1e-3
+
+
+def test_pca_with_fewer_rows_than_dims_matches_sklearn() -> None:
+    """N < d takes the Gram-matrix route: the eigenpairs of scikit-learn's full PCA."""
+    from sklearn.decomposition import PCA
+
+    x = anisotropic(60, 200, seed=4).astype(np.float64)
+    fit = clustering.fit_pca_whitening(x, 16)
+    ref = PCA(n_components=16, whiten=True, svd_solver="full").fit(x)
+    # scatter eigenvalues = sklearn's variances x (N - 1)
+    np.testing.assert_allclose(fit.eigenvalues.numpy(), ref.explained_variance_ * 59, rtol=1e-9)
+    y = ((torch.from_numpy(x) - fit.mean) @ fit.projection).numpy()
+    want = ref.transform(x) / np.sqrt(59)
+    signs = np.sign((y * want).sum(axis=0))
+    np.testing.assert_allclose(y * signs, want, atol=1e-9)
+    # the spectrum's effective rank, from numpy's eigenvalues of the d x d scatter
+    xc = x - x.mean(axis=0)
+    lam = np.clip(np.linalg.eigvalsh(xc.T @ xc), 0, None)
+    p = lam[lam > lam.max() * 1e-12] / lam.sum()
+    assert fit.effective_rank == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-6)
+
+
+def test_pca_with_fewer_rows_than_dims_still_detects_a_collapse() -> None:
+    x = np.repeat(anisotropic(60, 4, seed=5), 50, axis=1)  # 200 dims spanning only 4
+    with pytest.raises(UserError, match="fewer than 8 dimensions"):
+        clustering.fit_pca_whitening(x, 8)

@@ -88,6 +88,8 @@ def _same_weights(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_local_executor_job_equals_the_in_process_run(tmp_path):
+    """A job of one task trains through a one-rank gloo group (the data-parallel path):
+    bit-identical to the in-process run."""
     a = _pretrain(tmp_path / "inproc", "--epochs", "2")
     assert a.returncode == 0, a.stderr[-2000:]
     b = _pretrain(tmp_path / "job", "--epochs", "2", "--executor", "local",

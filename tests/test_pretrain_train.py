@@ -256,3 +256,49 @@ def test_resume_refuses_changed_settings(reference, tmp_path):
     assert "k (run 8, now 9)" in str(e.value) and str(out) in str(e.value)
     assert (out / "checkpoint.pth").read_bytes() == before
     assert read_assignments(out).shape == (EPOCHS, N)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.x = torch.rand(n, 3, 72, 72, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 0, i
+
+
+def test_channels_last_and_bf16_features_match_the_fp32_forward():
+    from pretrain.models import ModelSpec, build_model
+    from pretrain.train import Speed, extract_features
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("alexnet", True, 64, None))
+    ds = _Images(12)
+    with torch.no_grad():  # the plain fp32 NCHW forward, batch by batch of 5
+        want = torch.cat([model.eval().embed(ds.x[i:i + 5]) for i in range(0, 12, 5)]).numpy()
+    cpu = torch.device("cpu")
+    plain = extract_features(model, ds, 5, 0, cpu)
+    np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-5)
+    nhwc = extract_features(model.to(memory_format=torch.channels_last), ds, 5, 0, cpu,
+                            speed=Speed(channels_last=True))
+    np.testing.assert_allclose(nhwc, want, rtol=1e-4, atol=1e-4)
+    bf16 = extract_features(model, ds, 5, 0, cpu, speed=Speed(bf16=True))
+    assert bf16.dtype == np.float32
+    rel = np.linalg.norm(bf16 - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert rel.max() < 0.05  # bf16 keeps 8 bits of mantissa: ~1 % per layer
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_a_bf16_channels_last_run_trains_and_records_its_options(tmp_path):
+    cfg = PretrainConfig(**{**TINY, "epochs": 1}, precision="bf16", channels_last=True)
+    ckpt = run(cfg, tmp_path / "fast")
+    saved = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert saved["precision"] == "bf16" and saved["channels_last"] is True
+    run(PretrainConfig(**{**TINY, "epochs": 1}), tmp_path / "plain")
+    fast, plain = (json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])
+                   for d in ("fast", "plain"))
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=0.02)
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(v.dtype != torch.bfloat16 for v in sd.values())  # weights stay fp32

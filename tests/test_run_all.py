@@ -195,6 +195,77 @@ def test_dry_run_prints_matrix_and_resources(env, tmp_path):
     assert not cell_files(tmp_path / "res")
 
 
+def test_every_task_estimates_its_paper_cells_on_every_role():
+    from evaluations.tasks import TASKS, estimate_gpu_hours
+
+    for task in TASKS.values():
+        assert set(task.gpu_hours) == set(task.roles), task.name
+        for role in task.roles:
+            hours = estimate_gpu_hours(task, task.config_cls(), role)
+            assert hours == task.gpu_hours[role] and 0.1 < hours < task.resources.timeout_min / 60
+
+
+GPU_HOURS_SUITE = """
+name = "gpu-hours"
+[datasets]
+imagenet = "embedded"
+places = "embedded"
+voc07 = "embedded"
+[embedded]
+n_train_per_class = 4
+n_val_per_class = 2
+voc_trainval = 24
+voc_test = 12
+[[cell]]
+task = "linear"
+datasets = ["places"]
+seeds = [0, 1]
+[cell.config]
+epochs = 45
+[[cell]]
+task = "fc_retrain"
+datasets = ["imagenet"]
+[cell.config]
+epochs = 45
+[[cell]]
+task = "voc_classification"
+datasets = ["voc07"]
+[cell.config]
+iterations = 75000
+"""
+
+
+def test_dry_run_estimates_gpu_hours_per_cell_array_and_total(env, tmp_path):
+    """Per cell, per array and in all, from the paper's throughput (500 DeepCluster epochs of
+    ImageNet's 1,281,167 images in 12 days on a P100, a third of it k-means: two AlexNet
+    passes per image) and each recipe's images; and nothing is submitted or written."""
+    per_million = 12 * 24 * 2 / 3 / 500 / (2 * 1.281167)  # GPU-h per million 224-px images
+    places = 45 * (2.448873 + 10 * 0.0205) * per_million  # half of 90 epochs: 17.90
+    imagenet = 45 * (1.281167 + 10 * 0.05) * per_million  # 12.01
+    # half the paper cell's 150,000 x 16 crops + 10 x 4,952 test crops (a cell scales whole)
+    voc = (150_000 * 16 + 10 * 4952) / 2 / 1e6 * per_million  # 0.18
+    assert (round(places, 1), round(imagenet, 1), round(voc, 2)) == (17.9, 12.0, 0.18)
+    suite = tmp_path / "hours.toml"
+    suite.write_text(GPU_HOURS_SUITE)
+    results = tmp_path / "res"
+    p = run_all(env, "--suite", str(suite), "--dry-run", "--executor", "local", results=results)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    arrays = [line for line in lines if line.startswith("array of")]
+    assert arrays[0].startswith("array of 3 task(s): gpus=1 cpus=10 mem=64G time=4320min")
+    assert arrays[0].endswith(f"; ~{2 * places + imagenet:.1f} GPU-h")  # ~47.8
+    assert arrays[1].startswith("array of 1 task(s): gpus=1 cpus=10 mem=32G time=1440min")
+    assert arrays[1].endswith("; ~0.18 GPU-h")
+    cells = [line.split() for line in lines if line.startswith("  ") and "seed=" in line]
+    assert [(c[1], c[2], " ".join(c[-2:])) for c in cells] == [
+        ("linear", "places", "~17.9 GPU-h"), ("linear", "places", "~17.9 GPU-h"),
+        ("fc_retrain", "imagenet", "~12.0 GPU-h"), ("voc_classification", "voc07", "~0.18 GPU-h")]
+    assert f"total: ~{2 * places + imagenet + voc:.1f} GPU-h for 4 cell(s) in 2 array(s)" \
+        in p.stdout  # ~48.0
+    assert "4 of them read embedded data" in p.stdout
+    assert not results.exists()  # no _logs, no claims, no records: nothing submitted
+
+
 def test_failing_cell_is_reported_and_recorded(env, tmp_path):
     """A corrupt image met inside a job: the cell fails, the others still run, the summary names
     the failure and its log, exit code 1, and a .failed.json (never a record) is left."""

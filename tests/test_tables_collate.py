@@ -82,9 +82,9 @@ def test_selection_and_variant_filters(golden):
 
 def test_delta_uses_displayed_value_and_never_prints_minus_zero(tmp_path):
     res = tmp_path / "results"
-    fx.write(res, "a", [fx.make_record("table1", "imagenet/conv3", 40.96),
-                        fx.make_record("table1", "imagenet/conv4", 39.64),
-                        fx.make_record("table1", "imagenet/conv5", 40.0)])
+    fx.write(res, "a", [fx.make_record("table1", c, v, dataset_name="ImageNet")
+                        for c, v in (("imagenet/conv3", 40.96), ("imagenet/conv4", 39.64),
+                                     ("imagenet/conv5", 40.0))])
     view = build_view(collate_table(T1, load_results(res)))
     delta = next(r for r in view.rows if r.kind == "delta")
     texts = dict(zip(T1.column_keys, delta.texts))
@@ -318,3 +318,27 @@ def test_voc_columns_of_their_own_protocols_share_one_row_others_keep_theirs(tmp
         ["20.0", "missing", "missing", "30.0", "missing", "40.0"]
     assert by["DeepCluster (ours, demo) · final · 1crop"].cells[
         "classification/all"].text == "50.0"
+
+
+def test_delta_on_embedded_data_is_against_random_of_the_same_architecture(tmp_path):
+    res = tmp_path / "results"
+    vgg_random = {**fx.RANDOM, "id": "random-vgg", "arch": "vgg16", "label": "Random (vgg16)",
+                  "path": "results/_random/random-vgg16-sobel-fc4096.pth"}
+    fx.write(res, "a", [fx.make_record("table1", "imagenet/conv3", 40.96)])
+    fx.write(res, "r", [fx.make_record("table1", "imagenet/conv3", 30.04, ckpt=fx.RANDOM)])
+    fx.write(res, "v", [fx.make_record("table1", "imagenet/conv3", 99.0, ckpt=vgg_random)])
+    view = build_view(collate_table(T1, load_results(res)))
+    deltas = {r.label: dict(zip(T1.column_keys, r.texts)) for r in view.rows
+              if r.kind == "delta"}
+    ours = "DeepCluster (ours, demo) · dc2018 · best_epoch · 10crop"
+    assert list(deltas) == [f"Δ vs Random ({ours})"]  # the Random rows get none
+    assert deltas[f"Δ vs Random ({ours})"]["imagenet/conv3"] == "+11.0"  # 41.0 - 30.0
+    assert "Δ vs Random = ours − the never-trained network" in view.caption
+    assert "Δ vs paper" not in view.caption
+
+
+def test_embedded_row_without_a_random_row_gets_no_delta(tmp_path):
+    res = tmp_path / "results"
+    fx.write(res, "a", [fx.make_record("table1", "imagenet/conv3", 40.96)])
+    view = build_view(collate_table(T1, load_results(res)))
+    assert [r for r in view.rows if r.kind == "delta"] == []

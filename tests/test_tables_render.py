@@ -85,10 +85,15 @@ def test_our_cells_and_states_read_back(rendered):
     assert md_cell(rendered, "table1", ours, "Places conv3") == "37.3"
     assert md_cell(rendered, "table1", ours, "Places conv4") == "missing"
     assert md_cell(rendered, "table1", ours, "Places conv5") == "failed"
-    delta = f"Δ vs paper DeepCluster ({ours})"
-    assert md_cell(rendered, "table1", delta, "ImageNet conv3") == "+0.6"
-    assert md_cell(rendered, "table1", delta, "ImageNet conv5") == "-2.2"
-    assert md_cell(rendered, "table1", delta, "Places conv5") == ""
+    # embedded data: Δ against the Random row of the same architecture, not the paper
+    assert f"Δ vs paper DeepCluster ({ours})" not in (rendered / "table1.md").read_text()
+    delta = f"Δ vs Random ({ours})"
+    assert md_cell(rendered, "table1", delta, "ImageNet conv3") == "+26.6"  # 41.6 - 15.0
+    assert md_cell(rendered, "table1", delta, "ImageNet conv5") == "+24.0"  # 36.0 - 12.0
+    assert md_cell(rendered, "table1", delta, "Places conv3") == ""  # Random has no Places
+    # the real Oxford5k records keep their Δ against the paper: 58.2 - 61.0
+    assert md_cell(rendered, "retrieval", "Δ vs paper DeepCluster (DeepCluster (ours, demo) "
+                   "· final)", "Oxford5K") == "-2.8"
 
 
 def test_published_cell_read_back_from_latex(rendered):
@@ -160,7 +165,9 @@ def test_csv_is_tidy(rendered):
     nf = df[(df["method"] == "Noroozi and Favaro [42]")
             & (df["column"] == "classification/fc6-8")]
     assert nf["text"].tolist() == ["—"] and nf["value"].tolist() == [""]
-    assert set(df["section"]) == {"paper", "ours", "delta"}
+    assert set(df["section"]) == {"paper", "ours"}  # embedded, and no Random row: no Δ
+    t1 = pd.read_csv(rendered / "table1.csv", keep_default_na=False)
+    assert set(t1["section"]) == {"paper", "ours", "delta"}
     supp = pd.read_csv(rendered / "supp_fc.csv", keep_default_na=False)
     assert "Pre-trained dataset=YFCC100M" in set(supp["attrs"])
 
