@@ -58,10 +58,11 @@ def from_job_environment(use_cuda: bool) -> Dist:
     env = TorchDistributedEnvironment()
     if env._job_env.num_nodes == 1:  # one node: the loopback, whatever its name resolves to
         env.master_addr = "127.0.0.1"
-    env.export(set_cuda_visible_devices=use_cuda and torch.cuda.is_available(), overwrite=True)
+    # not CUDA_VISIBLE_DEVICES: CUDA may be initialised already (it is read once, at init)
+    env.export(set_cuda_visible_devices=False, overwrite=True)
     backend = "nccl" if use_cuda and torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(0)  # CUDA_VISIBLE_DEVICES now holds this task's GPU only
+    if backend == "nccl":  # "cuda" means this task's GPU from here on
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     elif env.local_world_size > 1:  # CPU processes of one node share its cores
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(
             1, len(os.sched_getaffinity(0)) // env.local_world_size)

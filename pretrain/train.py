@@ -393,8 +393,8 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
                                    weight_decay=cfg.head_weight_decay)
         net: nn.Module = model
         if dist.grouped:  # rebuilt every epoch: the head is new (rank 0's copy is broadcast)
-            net = DistributedDataParallel(model, device_ids=[0] if device.type == "cuda"
-                                          else None)
+            net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
+                                          if device.type == "cuda" else None)
             if dist.world_size > 1:  # dropout masks differ across ranks
                 torch.manual_seed(derive_seed(cfg.seed, epoch, 4, dist.rank))
         train_loss = _train_epoch(net, loader, opt, head_opt, device, epoch, dist=dist,
