@@ -89,11 +89,18 @@ class Resources:
         return min(self.array_parallelism, fit)
 
 
+# How often a job may hit its time limit and be requeued (submitit's default, 3, would end the
+# paper's 12-day pretraining on a 72-hour partition, or a 24 GPU-h probe on a 4-hour one). Each
+# requeue resumes from saved state, so a run whose epoch fits in the limit always progresses.
+MAX_TIME_LIMIT_REQUEUES = 100
+
+
 class SuiteExecutor(submitit.AutoExecutor):
     """submitit's AutoExecutor that remembers its kind and the resources it was made for."""
 
     def __init__(self, folder: Path, kind: str, resources: Resources) -> None:
-        super().__init__(folder=folder, cluster=kind)
+        limits = {f"{kind}_max_num_timeout": MAX_TIME_LIMIT_REQUEUES} if kind != "debug" else {}
+        super().__init__(folder=folder, cluster=kind, **limits)
         self.kind = kind
         self.resources = resources
 

@@ -121,3 +121,19 @@ def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_p
     whole = _pretrain(tmp_path / "whole", "--epochs", epochs)
     assert whole.returncode == 0, whole.stderr[-2000:]
     _same_weights(tmp_path / "whole", tmp_path / "job")
+
+
+@pytest.mark.parametrize("kind", ["local", "slurm"])
+def test_the_paper_run_may_requeue_as_often_as_its_time_limit_needs(tmp_path, kind, monkeypatch):
+    """12 days (PROTOCOLS.md: 500 epochs on one P100) on the paper preset's 72-hour limit, or
+    on a 4-hour partition: more requeues than submitit's default of 3."""
+    import math
+
+    from slurm import launch
+
+    monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
+    for timeout_min in (cluster.PAPER_RESOURCES.timeout_min, 4 * 60):
+        res = cluster.resources(None, {"timeout_min": timeout_min})
+        ex = launch.make_executor(kind, tmp_path / "logs", res, "dc-pretrain")
+        needed = math.ceil(12 * 24 * 60 / timeout_min) - 1
+        assert ex._executor.max_num_timeout >= needed > (3 if timeout_min == 240 else 0)
