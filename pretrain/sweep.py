@@ -48,9 +48,6 @@ EVAL_COLUMN = "classification/fc6-8"  # the k ablation's column (table "voc")
 # settings a run folder's run may differ in from this sweep's: how it runs, not what it
 # computes; ``lr_rule`` is a note on ``lr``; ``epochs`` is compared apart (a shorter run is
 # continued)
-NOT_COMPARED = ("workers", "device", "lr_rule", "epochs")
-
-
 class JobsFailed(UserError):
     """Some pretraining jobs failed (exit code 1, not a usage error)."""
 
@@ -134,11 +131,13 @@ def run_folder(out: Path, k: int) -> Path:
 
 
 def setting_differences(saved: dict, cfg: PretrainConfig) -> dict[str, tuple]:
-    """Settings (beyond how it runs and how long) in which a saved run differs from ``cfg``;
-    a setting the saved config lacks (a run older than the setting) had its default."""
-    saved = {f.name: saved.get(f.name, f.default) for f in fields(PretrainConfig)}
-    return {name: (saved[name], getattr(cfg, name)) for name in saved
-            if name not in NOT_COMPARED and saved[name] != getattr(cfg, name)}
+    """The settings a run cannot continue under (``PretrainConfig.SHAPE_FIELDS``, as
+    ``--resume`` checks them) in which a saved run differs from ``cfg``; a setting the saved
+    config lacks (a run older than the setting) had its default."""
+    defaults = {f.name: f.default for f in fields(PretrainConfig)}
+    return {name: (saved.get(name, defaults[name]), getattr(cfg, name))
+            for name in PretrainConfig.SHAPE_FIELDS
+            if saved.get(name, defaults[name]) != getattr(cfg, name)}
 
 
 def trained_epochs(cfg: PretrainConfig, folder: Path) -> int:
