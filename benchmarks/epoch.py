@@ -9,6 +9,9 @@ at quality 90: multi-scale smooth noise plus grain), then runs the pipeline's ow
 
 * ``decode``   -- pretraining's dataset + ``train_transform`` through a DataLoader (read, PIL
   decode, RandomResizedCrop, flip, normalise, collate), img/s;
+* ``gpu_loader`` -- ``pretrain.gpu_data``'s training batches (read by its thread, decoded and
+  cropped on the device: nvJPEG on a GPU, torchvision's decoders on CPU), img/s; the first
+  batch untimed;
 * ``extract``  -- ``pretrain.train.extract_features`` on the eval dataset (decode included),
   img/s; ``forward``: the model's eval forward on an in-memory batch (its limit here);
 * ``pca``      -- ``fit_pca_whitening`` + ``transform`` of those features where the pipeline
@@ -67,6 +70,7 @@ from dcbench.core import (UserError, atomic_write_json, eval_transform,  # noqa:
                           resolve_device, train_transform)
 from pretrain import clustering  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.gpu_data import GpuInputs, images_of  # noqa: E402
 from pretrain.models import ModelSpec, build_model, embed_dim, make_top_layer  # noqa: E402
 from pretrain.train import (FEATURE_BATCH, PseudoLabelled, Speed, _train_epoch,  # noqa: E402
                             extract_features, load_pretrain_data)
@@ -286,6 +290,19 @@ def time_decode(dataset, cfg: PretrainConfig, device: torch.device) -> dict:
     return rate(images, seconds)
 
 
+def time_gpu_loader(dataset, cfg: PretrainConfig, device: torch.device, seed: int) -> dict:
+    """One pass of the GPU input pipeline's training batches over ``dataset`` (draws in
+    order, pseudo-labels 0) after an untimed first batch."""
+    inputs = GpuInputs(images_of(dataset), cfg.input_size, cfg.resize_size, device)
+    draws = list(enumerate(range(len(dataset))))
+    batches = [draws[i:i + cfg.batch_size] for i in range(0, len(draws), cfg.batch_size)]
+    labels = np.zeros(len(dataset), dtype=np.int64)
+    next(iter(inputs.training(batches[:1], labels, seed, 0)))
+    images, seconds = timed(lambda: sum(len(y) for _, y in inputs.training(
+        batches, labels, seed, 0)), device)
+    return {**rate(images, seconds), "device": str(device)}
+
+
 def make_model(cfg: PretrainConfig, device: torch.device, speed: Speed):
     torch.manual_seed(cfg.seed)
     model = build_model(ModelSpec(cfg.arch, cfg.sobel, cfg.fc_dim, None)).to(device)
@@ -431,6 +448,8 @@ def run_phases(s: Settings, folder: Path) -> tuple[dict, dict]:
     ph: dict[str, dict] = {}
     log.info("decode: %d images, %d workers", len(ds_train), cfg.workers)
     ph["decode"] = time_decode(ds_train, cfg, device)
+    log.info("gpu loader: %d images on %s", len(ds_train), device)
+    ph["gpu_loader"] = time_gpu_loader(ds_train, cfg, device, s.seed)
     model = make_model(cfg, device, speed)
     d = embed_dim(model)
     log.info("forward, extraction")
@@ -532,6 +551,8 @@ def render(rep: dict) -> str:
         f"{'phase':<22}{'measured':>16}{'vs model':>10}{'vs H200':>10}",
         f"{'decode+augment':<22}{ph['decode']['img_per_s']:>10,.0f} img/s"
         f"{sm['decode_vs_train_step']:>10.3f}{sh['decode']:>10.4f}",
+        f"{'gpu loader':<22}{ph['gpu_loader']['img_per_s']:>10,.0f} img/s"
+        f"  (decode+crop on {ph['gpu_loader']['device']})",
         f"{'forward (in memory)':<22}{ph['forward']['img_per_s']:>10,.0f} img/s{'':>10}"
         f"{sh['forward']:>10.4f}",
         f"{'extraction':<22}{ph['extract']['img_per_s']:>10,.0f} img/s"

@@ -60,7 +60,10 @@ def load_cell_checkpoint(ctx: TaskContext) -> TapNet:
     if file_sha256(ck.path) != ck.sha256:
         raise UserError(f"checkpoint {ck.path} changed since the job was submitted (sha256 "
                         "differs); rerun run_all so the cell is keyed by the new file.")
-    return load_checkpoint(ck.path, trust_pickle=ctx.runtime.trust_pickle).model
+    model = load_checkpoint(ck.path, trust_pickle=ctx.runtime.trust_pickle).model
+    if ctx.runtime.channels_last:  # convolutions then run NHWC whatever the inputs' layout
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def frozen_backbone(ctx: TaskContext) -> TapNet:

@@ -127,6 +127,9 @@ class HeadHistory:
         return self.epochs[-1]
 
 
+VAL_CROPS = 256  # crops per validation forward, at least
+
+
 def bottou_lr(lr0: float, wd: float, t: int) -> float:
     return lr0 / math.sqrt(1.0 + lr0 * wd * t)
 
@@ -247,8 +250,10 @@ def _train_heads(backbone, heads, train_ds, val_ds, cfg, device, desc, state):
     train_loader = DataLoader(draws, batch_size=cfg.batch_size,
                               sampler=EnumeratedSampler(RandomSampler(train_ds, generator=gen)),
                               num_workers=cfg.workers, drop_last=False)
-    # ten crops per image: batch_size // 10 images keep one forward at ~batch_size crops
-    val_loader = DataLoader(val_ds, batch_size=max(1, cfg.batch_size // 10), shuffle=False,
+    # ten crops per image: one forward of ~max(batch_size, VAL_CROPS) crops (a small training
+    # batch, the demo's 32, would otherwise evaluate 3 images per call: all call overhead)
+    val_loader = DataLoader(val_ds, batch_size=max(1, max(cfg.batch_size, VAL_CROPS) // 10),
+                            shuffle=False,
                             num_workers=cfg.workers)
     lr0 = {h.name: cfg.lr if h.lr is None else h.lr for h in heads}
     opts = {h.name: torch.optim.SGD(h.module.parameters(), lr=lr0[h.name], momentum=cfg.momentum,

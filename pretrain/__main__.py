@@ -51,6 +51,10 @@ HELP = {
                  "weights, optimizer and PCA stay fp32/fp64)",
     "channels_last": "NHWC memory format for the network and its inputs (faster convolutions "
                      "on recent GPUs)",
+    "loader": "cpu | gpu | auto: where images are decoded and cropped. cpu (default): PIL in "
+              "DataLoader workers; gpu: nvJPEG + batched crops on the GPU (pretrain/gpu_data.py; "
+              "the same boxes, pixels within a resampling tolerance); auto: gpu on CUDA with "
+              "--data, else cpu",
     "sync_bn": "data-parallel runs (--executor with several processes): BatchNorm statistics "
                "over the global batch (SyncBatchNorm, GPUs only); off: per process, as "
                "DistributedDataParallel does by default",

@@ -111,16 +111,15 @@ class PCAWhitening:
     effective_rank: float = float("nan")  # exp(entropy) of the whole normalised spectrum
 
     def transform(self, x: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
-        """Project, whiten and L2-normalise the rows of ``x``; float32 on ``x``'s device."""
+        """Project, whiten and L2-normalise the rows of ``x``, chunk by chunk on the device
+        the PCA was fitted on; float32 on ``x``'s device."""
         n, d = x.shape
         out = torch.empty((n, self.projection.shape[1]), dtype=torch.float32, device=x.device)
-        mean = self.mean.to(x.device)
-        proj = self.projection.to(x.device)
         step = _chunk_rows(d, chunk_elems)
         for s in range(0, n, step):
-            y = (x[s : s + step].to(torch.float64) - mean) @ proj
+            y = (x[s : s + step].to(self.mean.device, torch.float64) - self.mean) @ self.projection
             norms = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-            out[s : s + step] = torch.where(norms > 0, y / norms, y).to(torch.float32)
+            out[s : s + step] = torch.where(norms > 0, y / norms, y).to(out.device, torch.float32)
         return out
 
 
@@ -130,6 +129,7 @@ def fit_pca_whitening(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     scatter_dtype: torch.dtype = torch.float64,
     route: str = "auto",
+    device: str | torch.device | None = None,
 ) -> PCAWhitening:
     """Fit PCA-whitening to ``dim`` components on all rows of ``x``.
 
@@ -138,7 +138,9 @@ def fit_pca_whitening(
     still more accurate than faiss (float32, uncentred), float64 (default) is exact.
     With fewer rows than dimensions (N < d) the same eigenpairs come from the N x N Gram
     matrix (Xc Xc^T u = l u  =>  v = Xc^T u / sqrt(l)): O(N^2 d) instead of O(d^3).
-    ``route``: auto (gram when N < d) | scatter | gram.
+    ``route``: auto (gram when N < d) | scatter | gram. ``device``: where the float64 work
+    runs (default: ``x``'s); rows are moved there chunk by chunk, so features kept in host
+    memory are fitted on a GPU without holding them all in its memory.
     """
     if route not in ("auto", "scatter", "gram"):
         raise ValueError(f"route must be auto, scatter or gram, got {route!r}")
@@ -156,19 +158,20 @@ def fit_pca_whitening(
             "use more images or a smaller PCA dimension"
         )
     step = _chunk_rows(d, chunk_elems)
-    total = torch.zeros(d, dtype=torch.float64, device=t.device)
+    dev = torch.device(device) if device is not None else t.device
+    total = torch.zeros(d, dtype=torch.float64, device=dev)
     for s in range(0, n, step):
-        chunk = t[s : s + step]
+        chunk = t[s : s + step].to(dev)
         if not bool(torch.isfinite(chunk).all()):
             raise FeatureCollapse(NAN_MESSAGE)
         total += chunk.to(torch.float64).sum(dim=0)
     mean = total / n
     if route == "gram" or (route == "auto" and n < d):
-        evals, evecs = _gram_eigh(t, mean)
+        evals, evecs = _gram_eigh(t.to(dev), mean)
     else:
-        scatter = torch.zeros((d, d), dtype=torch.float64, device=t.device)
+        scatter = torch.zeros((d, d), dtype=torch.float64, device=dev)
         for s in range(0, n, step):
-            xc = (t[s : s + step].to(torch.float64) - mean).to(scatter_dtype)
+            xc = (t[s : s + step].to(dev, torch.float64) - mean).to(scatter_dtype)
             if scatter_dtype == torch.float64:
                 scatter.addmm_(xc.T, xc)
             else:

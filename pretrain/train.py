@@ -40,6 +40,7 @@ from .config import PretrainConfig
 from .data import (ArrayImageDataset, ImageListDataset, fashion_mnist, loader_batches,
                    scan_image_folder)
 from .distributed import Dist, gather_rows, on_main, rank_batches, shard, sum_all
+from .gpu_data import GpuInputs, images_of
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
 
@@ -101,19 +102,36 @@ class Speed:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def resolve_loader(cfg: PretrainConfig, device: torch.device) -> str:
+    """``cfg.loader`` for this run: auto is gpu on CUDA with an image folder, else cpu."""
+    if cfg.loader == "gpu" and device.type != "cuda":
+        raise UserError(f"--loader gpu decodes and crops images on a CUDA GPU, but this run's "
+                        f"device is {device} (--device {cfg.device}); use --loader cpu.")
+    if cfg.loader == "auto":
+        return "gpu" if device.type == "cuda" and cfg.data is not None else "cpu"
+    return cfg.loader
+
+
 @torch.no_grad()
 def extract_features(model: TapNet, dataset, batch_size: int, workers: int,
                      device: torch.device, desc: str = "features",
-                     dist: Dist = Dist(), speed: Speed = Speed()) -> np.ndarray | None:
+                     dist: Dist = Dist(), speed: Speed = Speed(),
+                     gpu: GpuInputs | None = None) -> np.ndarray | None:
     """fc7 before its ReLU for every image, in order, in eval mode (each rank extracts its
-    shard; rank 0 gets all rows, the other ranks None)."""
+    shard; rank 0 gets all rows, the other ranks None). ``gpu``: the batches of the GPU
+    input pipeline instead of a DataLoader over ``dataset``."""
     model.eval()
     n = len(dataset)
-    part = dataset if not dist.grouped else Subset(dataset, shard(n, dist).tolist())
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if gpu is None:
+        part = dataset if not dist.grouped else Subset(dataset, shard(n, dist).tolist())
+        loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers)
+        inputs = (x for x, _, _ in loader_batches(loader))
+    else:
+        loader = inputs = gpu.extraction(range(n) if not dist.grouped else shard(n, dist),
+                                         batch_size)
     out = [torch.zeros(0, embed_dim(model))]
-    for x, _, _ in tqdm(loader_batches(loader), total=len(loader), desc=desc, leave=False,
-                        mininterval=2, disable=not dist.is_main):
+    for x in tqdm(inputs, total=len(loader), desc=desc, leave=False,
+                  mininterval=2, disable=not dist.is_main):
         with speed.autocast(device):
             out.append(model.embed(speed.inputs(x, device)).float().cpu())
     return gather_rows(torch.cat(out), n, dist, device)
@@ -223,6 +241,7 @@ def run(cfg: PretrainConfig, out: str | Path, resume: bool = False, dist: Dist =
     cfg = cfg.validate()
     out = Path(out).expanduser()
     device = resolve_device(cfg.device)
+    resolve_loader(cfg, device)  # --loader gpu without a GPU: before any work
     if cfg.sync_bn and dist.world_size > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                         "drop it on CPU.")
@@ -324,7 +343,7 @@ def _cluster(cfg: PretrainConfig, feats: np.ndarray, epoch: int, out: Path, back
     """PCA-whitening + L2 + k-means of one epoch's features (rank 0)."""
     t0 = time.perf_counter()
     try:
-        pca = clustering.fit_pca_whitening(feats, cfg.pca_dim)
+        pca = clustering.fit_pca_whitening(feats, cfg.pca_dim, device=device)  # GPU: fp64 there
     except clustering.FeatureCollapse as e:
         raise UserError(f"{e}: {_collapse_advice(cfg, epoch, out)}.") from None
     health = feature_health(feats, pca)
@@ -366,11 +385,16 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
         _truncate_log(out / "log.jsonl", state.epoch)
         atomic_write_json(out / "config.json", cfg.to_dict())
     prev = state.prev_assign
+    gpu = (GpuInputs(images_of(ds_eval), cfg.input_size, cfg.resize_size, device)
+           if resolve_loader(cfg, device) == "gpu" else None)
+    if gpu is not None and dist.is_main:
+        log.info("GPU input pipeline: decoding and cropping on %s", device)
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, epoch))
         t = {"start": time.perf_counter()}
         feats = extract_features(model, ds_eval, max(cfg.batch_size, FEATURE_BATCH), cfg.workers,
-                                 device, desc=f"features {epoch}", dist=dist, speed=speed)
+                                 device, desc=f"features {epoch}", dist=dist, speed=speed,
+                                 gpu=gpu)
         t["features"] = time.perf_counter()
         cl = on_main(dist, partial(_cluster, cfg, feats, epoch, out, backend, device))
         feats = None  # freed before training
@@ -388,6 +412,8 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
         batches = rank_batches(list(EnumeratedSampler(sampler)), cfg.batch_size, dist)
         loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
                             generator=gen)
+        if gpu is not None:  # the same (draw, index) batches and boxes, made on the GPU
+            loader = gpu.training(batches, assign, draws.seed, epoch)
         model.top_layer = make_top_layer(embed_dim(model), cfg.k).to(device)
         head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=cfg.head_lr,
                                    weight_decay=cfg.head_weight_decay)

@@ -72,3 +72,10 @@ def resumable_count(
 
 def _save(path: Path, state: dict[str, object]) -> None:
     atomic_write_json(path, state)
+
+
+def torch_threads(_: object = None) -> int:
+    """The intra-op threads torch runs with inside the job (the argument is ignored)."""
+    import torch
+
+    return torch.get_num_threads()

@@ -187,6 +187,9 @@ def submit_array(
         raise ValueError(f"submit_array needs argument tuples of one non-zero length, got {sorted(arity)}")
     resources = getattr(executor, "resources", None)
     local = getattr(executor, "kind", None) == "local"
+    if isinstance(fn, CheckpointableJob) and resources is not None \
+            and getattr(executor, "kind", None) in ("slurm", "local"):
+        fn = CheckpointableJob(fn.fn, resources.cpus_per_task)
     if local and resources is not None:
         limit = resources.local_parallelism()
         if limit < len(calls):
@@ -529,6 +532,16 @@ def active_slurm_jobs(job_ids: Iterable[str]) -> set[str] | None:
 
 
 # ----------------------------------------------------------------------------- requeue
+def use_cpus(cpus: int) -> None:
+    """Run torch's intra-op threads on the job's ``cpus`` only. Its default (every core of
+    the node) oversubscribes a node shared by several jobs: two 1-CPU cells on 2 cores run
+    ~1.4x faster together than one 2-thread cell after the other."""
+    import torch
+
+    if 0 < cpus < torch.get_num_threads():  # never more threads than torch would start
+        torch.set_num_threads(int(cpus))
+
+
 class CheckpointableJob(Checkpointable, Generic[R]):
     """Wraps ``fn(*args)`` so that a SLURM time-out or preemption requeues the job.
 
@@ -537,10 +550,13 @@ class CheckpointableJob(Checkpointable, Generic[R]):
     ``fn(*args)`` again, and ``fn`` resumes from its own checkpoint files.
     """
 
-    def __init__(self, fn: Callable[..., R]) -> None:
+    def __init__(self, fn: Callable[..., R], cpus: int | None = None) -> None:
         self.fn = fn
+        self.cpus = cpus  # torch threads in the job: its CPUs (None: torch's default)
 
     def __call__(self, *args: Any) -> R:
+        if self.cpus:
+            use_cpus(self.cpus)
         return self.fn(*args)
 
     def checkpoint(self, *args: Any) -> DelayedSubmission:

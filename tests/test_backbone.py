@@ -36,3 +36,36 @@ def test_torchvision_resnet50_state_dict(tmp_path):
         layer4 = ref.layer4(ref.layer3(ref.layer2(ref.layer1(h))))
     assert torch.equal(got["conv5"], layer4)
     assert torch.allclose(got["pool5"], torch.flatten(ref.avgpool(layer4), 1))
+
+
+def test_channels_last_runtime_gives_the_same_taps(tmp_path):
+    """runtime.channels_last: the cell's network runs NHWC (weights stored so), and every tap
+    equals the NCHW network's to float rounding; the setting is checked."""
+    import pytest
+
+    from dcbench.core import UserError
+    from evaluations.backbone import describe_checkpoint, frozen_backbone
+    from evaluations.context import Runtime, TaskContext
+
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg16_bn(weights=None).eval()
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save(ref.state_dict(), path)
+    nets = {}
+    for cl in (False, True):
+        ctx = TaskContext(describe_checkpoint(path), "imagenet", tmp_path, 0,
+                          Runtime(workers=0, channels_last=cl), torch.device("cpu"), tmp_path)
+        nets[cl] = frozen_backbone(ctx)
+    conv = nets[True].features[0] if hasattr(nets[True], "features") else None
+    weights = [p for p in nets[True].parameters() if p.dim() == 4]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert conv is None or not conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 64, 64)
+    taps = ["conv1", "conv3", "conv5"]
+    with torch.no_grad():
+        a, b = nets[False].forward_taps(x, taps), nets[True].forward_taps(x, taps)
+    for t in taps:
+        assert b[t].is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b[t], a[t], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="channels_last must be true or false"):
+        Runtime(channels_last="yes")

@@ -144,3 +144,68 @@ def test_epoch_benchmark_smoke(tmp_path):
     settings = mod.replace(mod.Settings(), **mod.SMOKE)
     assert mod.build_folder(data, settings) == manifest
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(task, column, value, label, sha, selection="best_epoch", variant="10crop"):
+    return {"task": task, "column": column, "value": value, "selection": selection,
+            "variant": variant, "checkpoint": {"label": label, "sha256": sha}}
+
+
+def test_demo_seeds_table_lists_every_seed_with_mean_std_and_random(tmp_path):
+    """Hand-computed: conv3 of seeds 0/1/2 = 80/82/84 -> 82.0 +- 2.0 (sample std), Random 75
+    -> +7.0; last-epoch and centre-crop records are not the paper's numbers and are ignored."""
+    ds = _load_bench("demo_seeds")
+    results = tmp_path / "results"
+    for name, recs in {"a": [_record("linear", "imagenet/conv3", 80.0, "x", "s0"),
+                             _record("linear", "imagenet/conv3", 99.0, "x", "s0",
+                                     selection="last_epoch")],
+                       "b": [_record("linear", "imagenet/conv3", 82.0, "y", "s1")],
+                       "c": [_record("linear", "imagenet/conv3", 84.0, "z", "s2"),
+                             _record("linear", "imagenet/conv3", 1.0, "z", "s2", variant="center")],
+                       "r": [_record("linear", "imagenet/conv3", 75.0, "Random (alexnet)", "r"),
+                             _record("retrieval", "oxford5k", 50.0, "Random (alexnet)", "r",
+                                     selection="final", variant=None)]}.items():
+        (results / name).mkdir(parents=True)
+        (results / name / "cell.json").write_text(json.dumps({"records": recs}))
+    md, summary = ds.table(ds.values(results), {0: "s0", 1: "s1", 2: "s2"})
+    assert summary["mean"]["IN conv3"] == pytest.approx(82.0)
+    assert summary["std"]["IN conv3"] == pytest.approx(2.0)
+    assert summary["delta"]["IN conv3"] == pytest.approx(7.0)
+    assert summary["random"]["Oxford5K"] == 50.0 and "Oxford5K" not in summary["mean"]
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines()[2:]}
+    assert set(rows) == {"seed 0", "seed 1", "seed 2", "mean ± std", "Random", "mean − Random"}
+    assert "82.0 ± 2.0" in rows["mean ± std"] and "+7.0" in rows["mean − Random"]
+
+
+def test_demo_profile_sums_what_the_demo_logged(tmp_path):
+    """Per-phase seconds summed over epochs, cell seconds per kind, the evaluation's wall span
+    from the records' own start / end times (two cells that overlapped: 100 s, not 150)."""
+    dp = _load_bench("demo_profile")
+    (tmp_path / "pretrain").mkdir()
+    rows = [{"epoch": e, "seconds": {"features": 10.0, "train": 30.0 + e},
+             "img_per_s": {"features": 1000.0, "train": 300.0 + 100 * e}} for e in (0, 1)]
+    (tmp_path / "pretrain" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name, mode, start, end, secs in (("a", "all", "00:00:00", "00:01:00", 60.0),
+                                         ("b", None, "00:00:10", "00:01:40", 90.0)):
+        rec = {"task": "voc_classification", "config": {"mode": mode} if mode else {},
+               "seconds": secs, "started": f"2026-01-01T{start}+00:00",
+               "ended": f"2026-01-01T{end}+00:00"}
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "c.json").write_text(json.dumps({"records": [rec]}))
+    pre = dp.pretraining(tmp_path / "pretrain" / "log.jsonl")
+    assert pre["epochs"] == 2 and pre["seconds"] == {"features": 20.0, "train": 61.0}
+    assert pre["img_per_s"] == {"features": 1000.0, "train": 350.0}
+    ev = dp.cells(tmp_path / "results")
+    assert ev["by_kind"] == {"voc_classification": {"cells": 1, "seconds": 90.0},
+                             "voc_classification/all": {"cells": 1, "seconds": 60.0}}
+    assert ev["cell_seconds"] == 150.0 and ev["wall_seconds"] == 100.0
+    assert dp.main(["--demo", str(tmp_path), "--no-measure", "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["evaluation"]["wall_seconds"] == 100.0
+    assert dp.main(["--demo", str(tmp_path / "missing"), "--no-measure"]) == 2

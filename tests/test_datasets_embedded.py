@@ -172,6 +172,22 @@ def test_crash_during_build_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@needs_fmnist
+def test_imagenet_role_can_take_a_larger_val_split(tmp_path):
+    """imagenet_val_per_class: the first n test images of each class (file order), only for
+    the ImageNet role; its own folder; 1..1000 (the test split's size per class)."""
+    roots = build_embedded(tmp_path, 2, 1, imagenet_val_per_class=4,
+                           roles=("imagenet", "places"))
+    labels = idx_file("t10k-labels-idx1-ubyte.gz")
+    val = {int(p.stem.rsplit("_", 1)[1]) for p in (roots["imagenet"] / "val").rglob("*.png")}
+    assert val == first_n(labels, 4) and len(val) == 40
+    assert len(places205_split(roots["places"], "val")) == 10  # n_val_per_class, unchanged
+    assert roots["imagenet"] != build_embedded(tmp_path, 2, 1, roles=("imagenet",))["imagenet"]
+    for bad in (0, 1001, 2.5, True):
+        with pytest.raises(UserError, match="imagenet_val_per_class"):
+            build_embedded(tmp_path, 2, 1, imagenet_val_per_class=bad, roles=("imagenet",))
+
+
 def test_bad_parameters(tmp_path):
     with pytest.raises(UserError, match="174"):
         build_role(tmp_path, BuildParams("places", 170, 10, None))

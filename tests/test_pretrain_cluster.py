@@ -69,6 +69,9 @@ def sacct_history(job: str, env: dict, timeout_s: float = 120) -> list[str]:
         time.sleep(0.5)
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch's threads in a 1-CPU job
+
+
 def _pretrain(out: Path, *extra: str, env=None, timeout=900):
     return subprocess.run([sys.executable, "-m", "pretrain", *TINY, "--out", str(out), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -90,7 +93,8 @@ def _same_weights(a: Path, b: Path) -> None:
 def test_local_executor_job_equals_the_in_process_run(tmp_path):
     """A job of one task trains through a one-rank gloo group (the data-parallel path):
     bit-identical to the in-process run."""
-    a = _pretrain(tmp_path / "inproc", "--epochs", "2")
+    # the job runs torch on its one CPU (launch.use_cpus): so does the in-process run
+    a = _pretrain(tmp_path / "inproc", "--epochs", "2", env=ONE_THREAD)
     assert a.returncode == 0, a.stderr[-2000:]
     b = _pretrain(tmp_path / "job", "--epochs", "2", "--executor", "local",
                   "--cpus-per-task", "1", "--gpus-per-node", "0", "--mem-gb", "2",
@@ -118,7 +122,7 @@ def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_p
     assert "REQUEUED" in history, history  # the job's result came back: it completed
     log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == list(range(int(epochs)))  # each epoch logged once
-    whole = _pretrain(tmp_path / "whole", "--epochs", epochs)
+    whole = _pretrain(tmp_path / "whole", "--epochs", epochs, env=ONE_THREAD)
     assert whole.returncode == 0, whole.stderr[-2000:]
     _same_weights(tmp_path / "whole", tmp_path / "job")
 

@@ -275,6 +275,24 @@ def test_local_executor_runs_an_array_one_job_at_a_time(
     assert all(o.stderr is not None and o.stderr.exists() for o in outcomes)
 
 
+def test_a_job_runs_torch_on_its_cpus_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch would start one thread per core in every job: two 1-CPU cells on 2 cores would
+    then run 4 threads. A CheckpointableJob runs torch on its cpus_per_task (never more than
+    torch's own default), under the local executor as under SLURM."""
+    import torch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one thread here: nothing to lower")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    ex = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5), name="t")
+    (one,) = wait(submit_array(ex, CheckpointableJob(st.torch_threads), [0]), timeout_s=120)
+    many = Resources(cpus_per_task=4096, timeout_min=5)
+    ex = make_executor("local", tmp_path / "b", many, name="t")
+    (default,) = wait(submit_array(ex, CheckpointableJob(st.torch_threads), [0]), timeout_s=120)
+    assert (one.result, default.result) == (1, torch.get_num_threads())
+    assert st.torch_threads() == torch.get_num_threads()  # the submitting process: untouched
+
+
 def test_local_executor_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     executor = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5), name="local")

@@ -74,7 +74,7 @@ DATASET_NAMES = MappingProxyType({"imagenet": "embedded/fashion-mnist",
 SHARED_BUILD = MappingProxyType({"roxford5k": "oxford5k", "rparis6k": "paris6k"})
 # the build parameters each role depends on (its folder's key hashes these only)
 ROLE_PARAMS = MappingProxyType({
-    "imagenet": ("n_train_per_class", "n_val_per_class", "size"),
+    "imagenet": ("n_train_per_class", "n_val_per_class", "imagenet_val_per_class", "size"),
     "places": ("n_train_per_class", "n_val_per_class", "size"),
     "voc07": ("voc_trainval", "voc_test", "voc_size"),
     "voc12": ("voc_trainval", "voc_size"),
@@ -85,6 +85,7 @@ DIGIT_CATEGORIES = tuple(
     for n in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
 PLACES_IMAGES = Path("data/vision/torralba/deeplearning/images256")
 DIGITS_SIZE = 32
+FMNIST_TEST_PER_CLASS = 1000
 DIGITS_MIN_PER_CLASS = 174  # images of digit 8, the rarest class of load_digits
 
 
@@ -97,6 +98,9 @@ class BuildParams:
     n_train_per_class: int = 100
     n_val_per_class: int = 50
     size: int | None = None
+    # the ImageNet role's val images per class, when more than n_val_per_class (the
+    # Fashion-MNIST test split has 1,000 per class; the digits of 'places' cap that role)
+    imagenet_val_per_class: int | None = None
     voc_trainval: int = 800  # VOC2007 trainval / VOC2012 train+val images
     voc_test: int = 400  # VOC2007 test images
     voc_size: int = 128
@@ -116,11 +120,12 @@ def build_embedded(cache_dir: Path, n_train_per_class: int = 100, n_val_per_clas
     """Build (once) the ``roles`` of the embedded suite under ``cache_dir``; roots by role.
     ``voc``: ``voc_trainval``, ``voc_test``, ``voc_size`` for the VOC roles,
     ``retrieval_max_side`` for the retrieval roles."""
-    unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size", "retrieval_max_side"})
+    unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size", "retrieval_max_side",
+                                 "imagenet_val_per_class"})
     if unknown:
         raise UserError(f"embedded suite: unknown setting(s) {unknown}; known: "
-                        "n_train_per_class, n_val_per_class, size, voc_trainval, voc_test, "
-                        "voc_size, retrieval_max_side.")
+                        "n_train_per_class, n_val_per_class, imagenet_val_per_class, size, "
+                        "voc_trainval, voc_test, voc_size, retrieval_max_side.")
     params = [BuildParams(role, n_train_per_class, n_val_per_class, size, **voc)
               for role in roles]
     for p in params:  # all parameter errors before anything is built
@@ -209,8 +214,9 @@ def clean_stale_temps(cache_dir: Path) -> list[Path]:
 def _build_imagenet(root: Path, params: BuildParams) -> None:
     (root / "synset_words.txt").write_text(
         "".join(f"{w} {c}\n" for w, c in zip(FMNIST_WNIDS, FASHION_MNIST_CLASSES)))
+    n_val = params.imagenet_val_per_class or params.n_val_per_class
     for split, source, n in (("train", "train", params.n_train_per_class),
-                             ("val", "test", params.n_val_per_class)):
+                             ("val", "test", n_val)):
         images, labels = fashion_mnist(source)
         idx = first_per_class(labels, 10, n, f"Fashion-MNIST {source}")
         for w in FMNIST_WNIDS:
@@ -322,6 +328,11 @@ def _validate(p: BuildParams) -> None:
         v = getattr(p, name)
         if not isinstance(v, int) or v < 1:
             raise UserError(f"embedded suite: {name} must be an integer >= 1, got {v!r}.")
+    v = p.imagenet_val_per_class
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                          or not 1 <= v <= FMNIST_TEST_PER_CLASS):
+        raise UserError(f"embedded suite: imagenet_val_per_class must be an integer in [1, "
+                        f"{FMNIST_TEST_PER_CLASS}] (the Fashion-MNIST test split), got {v!r}.")
     if p.role == "places" and p.n_train_per_class + p.n_val_per_class > DIGITS_MIN_PER_CLASS:
         raise UserError(f"embedded suite: the 'places' role (sklearn digits) has only "
                         f"{DIGITS_MIN_PER_CLASS} images of its rarest class, but n_train_per_class"
