@@ -79,6 +79,7 @@ ROLE_PARAMS = MappingProxyType({
     "voc07": ("voc_trainval", "voc_test", "voc_size"),
     "voc12": ("voc_trainval", "voc_size"),
     **{role: ("retrieval_max_side",) for role in RETRIEVAL_ROLES}})
+OPTIONAL_PARAMS = ("imagenet_val_per_class",)  # added later: in a key only when set
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -108,8 +109,11 @@ class BuildParams:
     version: int = FORMAT_VERSION
 
     def key(self) -> str:
+        """The hash of what the role's bytes depend on; an optional setting left unset
+        (:data:`OPTIONAL_PARAMS`) is left out, so folders built before it existed keep their key."""
         relevant = {k: getattr(self, k) for k in ("role", *ROLE_PARAMS.get(self.role, ()),
-                                                  "version")}
+                                                  "version")
+                    if not (k in OPTIONAL_PARAMS and getattr(self, k) is None)}
         relevant["role"] = SHARED_BUILD.get(self.role, self.role)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
