@@ -243,7 +243,7 @@ def test_run_all_gets_every_checkpoint_with_its_label_and_the_pass_through_flags
 
 def test_a_setting_newer_than_a_run_counts_as_its_default():
     cfg = preset_config("demo", k=10)
-    saved = {k: v for k, v in cfg.to_dict().items() if k != "seed"}  # as if written before
-    assert sweep.setting_differences(saved, cfg) == {}  # seed's default is the demo's 31
-    assert sweep.setting_differences(saved, preset_config("demo", k=10, seed=5)) == \
-        {"seed": (31, 5)}
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "sampler"}  # as if written before
+    assert sweep.setting_differences(saved, cfg) == {}  # sampler's default: the demo's uniform
+    assert sweep.setting_differences(saved, preset_config("demo", k=10, sampler="released")) \
+        == {"sampler": ("uniform", "released")}
