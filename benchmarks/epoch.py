@@ -12,6 +12,8 @@ at quality 90: multi-scale smooth noise plus grain), then runs the pipeline's ow
 * ``gpu_loader`` -- ``pretrain.gpu_data``'s training batches (read by its thread, decoded and
   cropped on the device: nvJPEG on a GPU, torchvision's decoders on CPU), img/s; the first
   batch untimed;
+* ``dali``     -- where NVIDIA DALI is installed: :class:`pretrain.gpu_data.DaliCrops`' training
+  crops of the same files (decode of the crop region, resize, flip, normalise), img/s;
 * ``extract``  -- ``pretrain.train.extract_features`` on the eval dataset (decode included),
   img/s; ``forward``: the model's eval forward on an in-memory batch (its limit here);
 * ``pca``      -- ``fit_pca_whitening`` + ``transform`` of those features where the pipeline
@@ -70,7 +72,7 @@ from dcbench.core import (UserError, atomic_write_json, eval_transform,  # noqa:
                           resolve_device, train_transform)
 from pretrain import clustering  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.gpu_data import GpuInputs, images_of  # noqa: E402
+from pretrain.gpu_data import DaliCrops, GpuInputs, dali_available, images_of  # noqa: E402
 from pretrain.models import ModelSpec, build_model, embed_dim, make_top_layer  # noqa: E402
 from pretrain.train import (FEATURE_BATCH, PseudoLabelled, Speed, _train_epoch,  # noqa: E402
                             extract_features, load_pretrain_data)
@@ -303,6 +305,20 @@ def time_gpu_loader(dataset, cfg: PretrainConfig, device: torch.device, seed: in
     return {**rate(images, seconds), "device": str(device)}
 
 
+def time_dali(dataset, cfg: PretrainConfig, device: torch.device, seed: int) -> dict:
+    """NVIDIA DALI's training crops (decode of the crop region + resize + flip + normalise;
+    mixed nvJPEG on a GPU, its CPU backend otherwise) over ``dataset``'s files, after an
+    untimed first batch; the file reads are included."""
+    files = [Path(p) for p in images_of(dataset)]
+    crops = DaliCrops("train", cfg.input_size, cfg.batch_size, seed=seed,
+                      device_id=(device.index or 0) if device.type == "cuda" else None)
+    batches = [files[i:i + cfg.batch_size] for i in range(0, len(files), cfg.batch_size)]
+    crops([p.read_bytes() for p in batches[0]])
+    images, seconds = timed(lambda: sum(len(crops([p.read_bytes() for p in b])[0])
+                                        for b in batches), device)
+    return {**rate(images, seconds), "device": str(device)}
+
+
 def make_model(cfg: PretrainConfig, device: torch.device, speed: Speed):
     torch.manual_seed(cfg.seed)
     model = build_model(ModelSpec(cfg.arch, cfg.sobel, cfg.fc_dim, None)).to(device)
@@ -450,6 +466,9 @@ def run_phases(s: Settings, folder: Path) -> tuple[dict, dict]:
     ph["decode"] = time_decode(ds_train, cfg, device)
     log.info("gpu loader: %d images on %s", len(ds_train), device)
     ph["gpu_loader"] = time_gpu_loader(ds_train, cfg, device, s.seed)
+    if dali_available():
+        log.info("dali: %d images on %s", len(ds_train), device)
+        ph["dali"] = time_dali(ds_train, cfg, device, s.seed)
     model = make_model(cfg, device, speed)
     d = embed_dim(model)
     log.info("forward, extraction")
@@ -553,6 +572,8 @@ def render(rep: dict) -> str:
         f"{sm['decode_vs_train_step']:>10.3f}{sh['decode']:>10.4f}",
         f"{'gpu loader':<22}{ph['gpu_loader']['img_per_s']:>10,.0f} img/s"
         f"  (decode+crop on {ph['gpu_loader']['device']})",
+        *([f"{'dali':<22}{ph['dali']['img_per_s']:>10,.0f} img/s"
+           f"  (decode+crop on {ph['dali']['device']})"] if "dali" in ph else []),
         f"{'forward (in memory)':<22}{ph['forward']['img_per_s']:>10,.0f} img/s{'':>10}"
         f"{sh['forward']:>10.4f}",
         f"{'extraction':<22}{ph['extract']['img_per_s']:>10,.0f} img/s"
