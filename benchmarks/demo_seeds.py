@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tabulate_only:
         for s in args.seeds:
             run_seed(s, out, sys.executable)
+    missing = [str(out / f"seed{s}" / "checkpoint.pth") for s in args.seeds
+               if not (out / f"seed{s}" / "checkpoint.pth").is_file()]
+    if missing:
+        print(f"error: no checkpoint at {', '.join(missing)}: run without --tabulate-only "
+              "(or give the --out and --seeds of an earlier run)", file=sys.stderr)
+        return 2
     shas = {s: file_sha256(out / f"seed{s}" / "checkpoint.pth") for s in args.seeds}
     md, summary = table(values(out / "results"), shas)
     print(md)
