@@ -140,3 +140,31 @@ def test_bad_probe_config_in_a_suite_is_one_clear_error():
         with pytest.raises(UserError, match=needle):
             parse_suite({"cell": [{"task": "linear", "datasets": ["imagenet"],
                                    "config": config}]}, "t.toml")
+
+
+def test_heads_sharing_an_input_score_as_each_alone():
+    """Several lrs on one layer are scored by one stacked matmul: every head's 10-crop top-1 /
+    top-5 and centre top-1 must be what its own module gives, computed here by hand."""
+    from evaluations.heads import evaluate_heads, val_features
+    torch.manual_seed(0)
+    net = AlexNet(sobel=True, fc_dim=64).eval()
+    heads, _ = conv_heads(net, ["conv2", "conv5"], 32, 4, 0, torch.device("cpu"),
+                          lrs=(0.1, 0.01, 0.001))
+    with torch.no_grad():  # distinct weights per head (their inits share no seed anyway)
+        for i, h in enumerate(heads):
+            h.module[1].weight.mul_(1 + i)
+    val = _Fixed(60, crops=10, seed=1)
+    batches = list(val_features(net, heads, torch.utils.data.DataLoader(val, batch_size=5),
+                                torch.device("cpu")))
+    scores = evaluate_heads(heads, batches)
+    with torch.no_grad():
+        taps = net.forward_taps(val.x.flatten(0, 1), ["conv2", "conv5"])
+        for h in heads:
+            logits = h.module(h.pre(taps[h.tap])).view(60, 10, -1)
+            mean = logits.softmax(-1).mean(1)
+            top1 = 100 * (mean.argmax(1) == val.y).float().mean().item()
+            centre = 100 * (logits[:, 4].argmax(1) == val.y).float().mean().item()
+            assert scores[h.name][0] == pytest.approx(top1)
+            assert scores[h.name][1] == pytest.approx(centre)
+            assert scores[h.name][2] == pytest.approx(100.0)  # 4 classes: top-5 is all
+    assert len({scores[h.name][:2] for h in heads}) > 2  # the heads do differ
