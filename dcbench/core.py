@@ -291,6 +291,19 @@ def resolve_device(name: str):
         raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
 
 
+def sgd(params, **kw):
+    """``torch.optim.SGD`` with its fused kernel where this torch has one for the params'
+    device (torch >= 2.4 on CPU): one pass over each tensor instead of three, ~1.7x faster
+    steps on the memory-bound fc6; the same update up to float rounding (1 ulp)."""
+    import torch
+
+    params = list(params)
+    try:
+        return torch.optim.SGD(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this torch / device
+        return torch.optim.SGD(params, **kw)
+
+
 def _seed_part(p: int | str) -> int:
     if isinstance(p, str):
         return int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")

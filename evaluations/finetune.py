@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dcbench.core import SeededDraws, UserError, check_finite_loss, check_number, derive_seed
+from dcbench.core import (SeededDraws, UserError, check_finite_loss, check_number, derive_seed,
+                          sgd)
 from pretrain.checkpoint import atomic_torch_save
 from pretrain.data import loader_batches
 from pretrain.models import TapNet
@@ -166,8 +167,7 @@ def train_iterations(net: nn.Module, data, cfg, ctx: TaskContext, *,
     resuming from the cell's state folder. ``loss_of(net, batch)`` gives the loss of one
     batch; ``tag`` names the task in the seeds (data order, augmentations, dropout)."""
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr_at(0), momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = sgd(params, lr=lr_at(0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     state, recipe = ctx.state_dir / STATE_FILE, repr(cfg)
     torch.manual_seed(derive_seed(ctx.seed, f"{tag}-dropout"))
     start = _load_state(state, net, opt, recipe)

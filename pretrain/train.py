@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dcbench.core import (EnumeratedSampler, SeededDraws, UserError, atomic_write,
                           atomic_write_json, check_finite_loss, derive_seed, eval_transform,
                           remove_stale_temps, resolve_device, take, train_transform,
-                          write_error)
+                          sgd, write_error)
 
 from . import clustering
 from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
@@ -376,8 +376,8 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = sgd(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+              weight_decay=cfg.weight_decay)
     state = _resume(cfg, out, model, opt) if resume else ResumeState()
     assignments = Assignments(out / "assignments.bin", n)
     if dist.is_main:
@@ -415,8 +415,8 @@ def _train(cfg: PretrainConfig, out: Path, resume: bool, data, device,
         if gpu is not None:  # the same (draw, index) batches and boxes, made on the GPU
             loader = gpu.training(batches, assign, draws.seed, epoch)
         model.top_layer = make_top_layer(embed_dim(model), cfg.k).to(device)
-        head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=cfg.head_lr,
-                                   weight_decay=cfg.head_weight_decay)
+        head_opt = sgd(model.top_layer.parameters(), lr=cfg.head_lr,
+                       weight_decay=cfg.head_weight_decay)
         net: nn.Module = model
         if dist.grouped:  # rebuilt every epoch: the head is new (rank 0's copy is broadcast)
             net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
