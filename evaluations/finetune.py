@@ -70,6 +70,35 @@ def check_recipe(where: str, cfg, modes: tuple[str, ...], ints: tuple[str, ...] 
         raise UserError(f"{where}: splits must be among {splits}.")
 
 
+def check_test_images(where: str, n) -> None:
+    """``test_images``: None (the whole test split) or an integer >= 1."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UserError(f"{where}: test_images must be an integer >= 1, or absent for the whole "
+                        f"test split (got {n!r}).")
+
+
+class Subset:
+    """The items of ``data`` at ``indices`` (and their ``target`` where ``data`` has one)."""
+
+    def __init__(self, data, indices) -> None:
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.data[self.indices[i]]
+
+    def target(self, i: int):
+        return self.data.target(self.indices[i])
+
+
+def first_images(data, n: int | None):
+    """The first ``n`` images of a test split in its listed order (all where ``n`` is None
+    or not smaller): the demo's smaller test sets."""
+    return data if n is None or n >= len(data) else Subset(data, range(n))
+
+
 def set_trainable(net: nn.Module, trained: list[nn.Parameter]) -> None:
     """Freeze every parameter of ``net`` except ``trained``."""
     for p in net.parameters():

@@ -48,8 +48,9 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import NUM_CLASSES, VOC_CLASSES, VocDetection
-from .finetune import (check_frozen, check_recipe, fc_layers, freeze_batchnorm,
-                       frozen_fingerprint, set_trainable, train_iterations, trunk_channels)
+from .finetune import (Subset, check_frozen, check_recipe, check_test_images, fc_layers,
+                       first_images, freeze_batchnorm, frozen_fingerprint, set_trainable,
+                       train_iterations, trunk_channels)
 from .metrics import detection_map
 from .records import Measurement
 
@@ -88,6 +89,7 @@ class VocDetectionConfig:
     train_difficult: bool = False  # py-faster-rcnn leaves difficult objects out of training
     train_split: str = "trainval"
     test_split: str = "test"
+    test_images: int | None = None  # the first N test images (listed order); None: all
 
     def __post_init__(self):
         where = "voc_detection"
@@ -102,6 +104,7 @@ class VocDetectionConfig:
             ("test_nms", {"above": 0, "maximum": 1}),
             ("test_score", {"minimum": 0, "below": 1})),
             splits=("train", "val", "trainval", "test"))
+        check_test_images(where, self.test_images)
         if self.max_size < self.min_size:
             raise UserError(f"{where}: max_size must be >= min_size.")
         if not self.anchor_sizes or any(not isinstance(s, int) or s < 1
@@ -228,19 +231,6 @@ def collate_lists(batch):
     return tuple(zip(*batch))
 
 
-class _Subset:
-    """The items of ``data`` at ``indices`` (images with something to train on)."""
-
-    def __init__(self, data, indices: list[int]) -> None:
-        self.data, self.indices = data, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.data[self.indices[i]]
-
-
 def trainable(data: VocDetection) -> list[int]:
     """Indices of the images holding at least one object to train on."""
     return [i for i in range(len(data)) if len(data.target(i)["labels"])]
@@ -285,11 +275,11 @@ def run(cfg: VocDetectionConfig, ctx: TaskContext) -> list[Measurement]:
     if not keep:
         raise UserError(f"VOC{year} {cfg.train_split} ({train_all.root}) has no object to "
                         "train a detector on.")
-    info = train_iterations(net, _Subset(train_all, keep), cfg, ctx, loss_of=_batch_loss,
+    info = train_iterations(net, Subset(train_all, keep), cfg, ctx, loss_of=_batch_loss,
                             lr_at=cfg.lr_at, tag="det", collate_fn=collate_lists)
     check_frozen(net, before, "VOC detection")
-    test = VocDetection(ctx.data_root, cfg.test_split, year,
-                        lambda img, t: (TF.to_tensor(img), t))
+    test = first_images(VocDetection(ctx.data_root, cfg.test_split, year,
+                                     lambda img, t: (TF.to_tensor(img), t)), cfg.test_images)
     detections = detect(net, test, ctx)
     mean_ap, aps = detection_map(detections, [test.target(i) for i in range(len(test))],
                                  NUM_CLASSES, 0.5, use_07_metric=True)

@@ -39,8 +39,9 @@ from .backbone import load_cell_checkpoint
 from .context import TaskContext
 from .datasets import VOC_YEARS
 from .datasets.voc import SEG_CLASSES, VOID, VocSegmentation
-from .finetune import (check_frozen, check_recipe, fc_layers, freeze_batchnorm,
-                       frozen_fingerprint, set_trainable, train_iterations, trunk_channels)
+from .finetune import (check_frozen, check_recipe, check_test_images, fc_layers, first_images,
+                       freeze_batchnorm, frozen_fingerprint, set_trainable, train_iterations,
+                       trunk_channels)
 from .metrics import confusion_matrix, miou
 from .records import Measurement
 
@@ -67,6 +68,7 @@ class VocSegmentationConfig:
     sbd: bool = False  # train on "train_aug" (VOC2012 train + SBD; needs the sbd role)
     train_split: str = "train"
     test_split: str = "val"
+    test_images: int | None = None  # the first N test images (listed order); None: all
 
     def __post_init__(self):
         where = "voc_segmentation"
@@ -77,6 +79,7 @@ class VocSegmentationConfig:
                               ("weight_decay", {"minimum": 0, "maximum": 1}),
                               ("image_scale", {"above": 0, "maximum": 16})),
                      splits=("train", "val", "trainval"))
+        check_test_images(where, self.test_images)
         lo, hi = self.scale_range
         if not 0 < lo <= hi <= 16:
             raise UserError(f"{where}: scale_range must satisfy 0 < min <= max <= 16.")
@@ -257,8 +260,8 @@ def run(cfg: VocSegmentationConfig, ctx: TaskContext) -> list[Measurement]:
     info = train_iterations(net, train, cfg, ctx, loss_of=_batch_loss,
                             lr_at=cfg.lr_at, tag="seg")
     check_frozen(net, before, "VOC segmentation")
-    test = VocSegmentation(ctx.data_root, cfg.test_split, VOC_YEARS[ctx.dataset],
-                           TestTransform(cfg))
+    test = first_images(VocSegmentation(ctx.data_root, cfg.test_split, VOC_YEARS[ctx.dataset],
+                                        TestTransform(cfg)), cfg.test_images)
     conf = confusion(net, test, ctx)
     mean_iou, ious = miou(conf)
     ctx.clear_state()

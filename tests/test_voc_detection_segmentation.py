@@ -402,3 +402,33 @@ def test_segmentation_confusion_batched_equals_one_by_one_and_sklearn(voc, tmp_p
     want = sk_confusion(np.concatenate(gts), np.concatenate(preds), labels=list(range(21)))
     np.testing.assert_array_equal(batched, want)
     assert len(np.unique(np.concatenate(preds))) > 1
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "3"])
+@pytest.mark.parametrize("cls", [vd.VocDetectionConfig, vs.VocSegmentationConfig])
+def test_a_bad_test_images_count_is_refused_by_name(cls, bad):
+    from dcbench.core import UserError
+
+    with pytest.raises(UserError, match="test_images"):
+        cls(test_images=bad)
+
+
+def test_test_images_scores_the_first_images_the_split_lists(voc, tmp_path):
+    """``test_images = 3`` (the demo's smaller test sets) scores exactly the first three ids
+    of ImageSets/Segmentation/val.txt: the confusion matrix counts their non-void pixels,
+    read here from the PNG masks with PIL; detection reports three test images."""
+    from PIL import Image
+
+    from evaluations.datasets.voc import VocSegmentation
+
+    root = VocSegmentation(voc["voc12"], "val", 2012).root
+    ids = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    masks = [np.array(Image.open(root / "SegmentationClass" / f"{i}.png")) for i in ids]
+    m, = vs.run(replace(SEG, test_images=3), ctx(voc, "voc12", tmp_path / "seg"))
+    assert m.details["data"]["test"] == 3
+    assert m.details["pixels"] == sum(int((k != 255).sum()) for k in masks[:3])
+    assert m.details["pixels"] < sum(int((k != 255).sum()) for k in masks)
+    d, = vd.run(replace(DET, test_images=3), ctx(voc, "voc07", tmp_path / "det"))
+    assert d.details["data"]["test"] == 3
+    big, = vs.run(replace(SEG, test_images=10_000), ctx(voc, "voc12", tmp_path / "all"))
+    assert big.details["data"]["test"] == len(ids)  # more than the split holds: all of it
