@@ -164,8 +164,8 @@ def val_cache_bytes(backbone: TapNet, heads: list[Head], val_ds, device: torch.d
 def _linear_stacks(heads: list[Head]) -> dict[tuple[str, str], tuple[dict[str, int],
                                                                      torch.Tensor, torch.Tensor]]:
     """Per input shared by several Flatten -> Linear heads (the probe's lrs): their names and
-    outputs, and their stacked weights and biases, so one matmul reads the input once for all of them (a
-    10-output matmul per head is memory-bound: 3x slower on a CPU)."""
+    outputs, and their stacked weights and biases, so one matmul reads the input once for all
+    of them (a 10-output matmul per head is memory-bound: 3x slower on a CPU)."""
     groups: dict[tuple[str, str], list[Head]] = {}
     for h in heads:
         m = h.module
