@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo
+# pytest-xdist: the test files spread over one process per core, at most 4 (each holds ~1 GB)
+TEST_WORKERS ?= $(shell $(PY) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: demo test bench install sysdeps clean
 
@@ -28,7 +30,7 @@ demo: install sysdeps
 	$(BIN)/python tables/render.py --results $(OUT)/results --out $(OUT)/tables --logs $(OUT)/pretrain --format all
 
 test: install sysdeps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install sysdeps
 	$(BIN)/python benchmarks/run.py

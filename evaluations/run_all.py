@@ -24,6 +24,8 @@ from pathlib import Path
 from dcbench.core import UserError
 
 log = logging.getLogger("evaluations.run_all")
+# what a cell's process imports: the local executor's fork server imports it once
+CELL_MODULES = ("evaluations.worker", "evaluations.tasks")
 DEFAULT_CACHE = Path(os.environ.get("DCBENCH_CACHE", Path.home() / ".cache" / "dcbench"))
 
 
@@ -300,7 +302,7 @@ def _submit_and_wait(groups, results: Path, executor_kind: str, suite_name: str)
     try:
         for _, cells in groups.items():
             ex = make_executor(executor_kind, results / "_logs", cells[0].resources,
-                               f"dc-{suite_name}")
+                               f"dc-{suite_name}", preload=CELL_MODULES)
             try:
                 # on SLURM's time-limit / preemption signal the job requeues itself and the
                 # cell resumes from its saved training state

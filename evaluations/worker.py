@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dcbench.core import UserError, resolve_device
+from slurm.forked import JOB_ID_ENV, JOB_LOG_ENV
 
 from . import claims, records
 from .context import TaskContext
@@ -75,11 +76,14 @@ def job_id() -> str | None:
     env = os.environ
     if env.get("SLURM_ARRAY_JOB_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+    return (env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+            or env.get(JOB_ID_ENV))
 
 
 def job_log() -> str | None:
     """This job's stderr log (SLURM or local executor), or None in-process."""
+    if os.environ.get(JOB_LOG_ENV):  # a job forked by the local executor
+        return os.environ[JOB_LOG_ENV]
     try:
         import submitit
 

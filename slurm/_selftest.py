@@ -79,3 +79,18 @@ def torch_threads(_: object = None) -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def modules_at_start(names: list[str]) -> dict[str, bool]:
+    """Which of ``names`` were imported before the job ran (a forked job has its server's)."""
+    return {name: name in sys.modules for name in names}
+
+
+def sleep_under_a_child(folder: str, seconds: float) -> int:
+    """Starts ``sleep`` as a child process, writes both pids to ``folder/pids.json``, sleeps."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
+    atomic_write_json(Path(folder) / "pids.json", {"job": os.getpid(), "child": child.pid})
+    time.sleep(seconds)
+    return child.pid

@@ -108,9 +108,11 @@ def test_local_executor_job_equals_the_in_process_run(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.skipif(not LocalSlurm.available() or not FMNIST.exists(),
                     reason=f"needs {INSTALL_HINT} and dataset-fashion-mnist")
-def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_path):
+def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_path,
+                                                                            tmp_path_factory):
     epochs = "30"  # ~70 s on one core: past the 45 s at which SLURM signals a 1-min job
-    with LocalSlurm(tmp_path / "slurm", first_job_id=950000) as slurm:
+    # a short folder: its socket paths must stay under 108 characters (pytest-xdist nests)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=950000) as slurm:
         env = {**os.environ, **slurm.env, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         p = _pretrain(tmp_path / "job", "--epochs", epochs, "--executor", "slurm",

@@ -118,14 +118,15 @@ def _pretrain(out: Path, *extra: str, env: dict | None = None) -> subprocess.Com
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
-def test_two_gloo_processes_train_like_one(tmp_path):
+def test_two_gloo_processes_train_like_one(tmp_path, tmp_path_factory):
     """Through the REAL local SLURM where it installs (one job, two tasks), else the local
     executor (two processes)."""
     kind = "slurm" if LocalSlurm.available() else "local"
     job = ["--executor", kind, "--gpus-per-node", "0", "--cpus-per-task", "1",
            "--mem-gb", "2", "--timeout-min", "20", "--tasks-per-node", "2"]
     if kind == "slurm":
-        with LocalSlurm(tmp_path / "slurm", first_job_id=960000) as slurm:
+        # a short folder: socket paths stay under 108 characters
+        with LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=960000) as slurm:
             env = {**slurm.env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
             two = _pretrain(tmp_path / "two", *job, env=env)

@@ -98,7 +98,10 @@ def test_arrays_outlive_run_all_and_a_rerun_neither_resubmits_nor_waits(tmp_path
     import signal
     import time
 
-    tmp, ckpt = released_and_suite(tmp_path_factory, "outlive", SUITE.format(gpus=0).replace("epochs = 1", "epochs = 40"))
+    # 150 epochs (~1 min): the jobs outlast a rerun started on a loaded machine (40 did not
+    # under pytest-xdist)
+    tmp, ckpt = released_and_suite(tmp_path_factory, "outlive", SUITE.format(gpus=0).replace(
+        "epochs = 1", "epochs = 150"))
     results = tmp / "results"
     with LocalSlurm(tmp_path_factory.mktemp("slurm2"), first_job_id=800000) as cluster:
         env, cmd = run_all_command(cluster, tmp, ckpt, results)
@@ -126,7 +129,7 @@ def test_arrays_outlive_run_all_and_a_rerun_neither_resubmits_nor_waits(tmp_path
         logs_before = sorted(p.name for p in (results / "_logs").iterdir())
         again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                                timeout=300)
-        # 40 epochs outlast the rerun: the cells are left to their live jobs
+        # 150 epochs outlast the rerun: the cells are left to their live jobs
         assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
         assert "SLURM job" in again.stdout and "0 done" in again.stdout, again.stdout
         assert sorted(p.name for p in (results / "_logs").iterdir()) == logs_before  # no resubmit

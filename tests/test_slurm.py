@@ -255,13 +255,20 @@ def test_unknown_executor_kind_is_a_user_error(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- local / debug
+# The local executor's two ways to start a job: submitit's fresh interpreter (no preload; used
+# by pretraining) and forks of a server that imported ``preload`` once (run_all's cells).
+LOCAL_FLAVOURS = pytest.mark.parametrize("preload", [(), ("torch",)], ids=["fresh", "forked"])
+
+
+@LOCAL_FLAVOURS
 def test_local_executor_runs_an_array_one_job_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preload: tuple[str, ...]
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     one_at_a_time = Resources(cpus_per_task=os.cpu_count() or 1, timeout_min=5)
     assert one_at_a_time.local_parallelism() == 1
-    executor = make_executor("local", tmp_path / "logs", one_at_a_time, name="local")
+    executor = make_executor("local", tmp_path / "logs", one_at_a_time, name="local",
+                             preload=preload)
     marks = tmp_path / "marks"
     marks.mkdir()
     jobs = submit_array(executor, st.record_pid, [(str(marks), f"t{i}", 0.3) for i in range(3)])
@@ -275,7 +282,9 @@ def test_local_executor_runs_an_array_one_job_at_a_time(
     assert all(o.stderr is not None and o.stderr.exists() for o in outcomes)
 
 
-def test_a_job_runs_torch_on_its_cpus_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@LOCAL_FLAVOURS
+def test_a_job_runs_torch_on_its_cpus_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           preload: tuple[str, ...]) -> None:
     """torch would start one thread per core in every job: two 1-CPU cells on 2 cores would
     then run 4 threads. A CheckpointableJob runs torch on its cpus_per_task (never more than
     torch's own default), under the local executor as under SLURM."""
@@ -284,18 +293,22 @@ def test_a_job_runs_torch_on_its_cpus_only(tmp_path: Path, monkeypatch: pytest.M
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs one thread here: nothing to lower")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    ex = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5), name="t")
+    ex = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5), name="t",
+                       preload=preload)
     (one,) = wait(submit_array(ex, CheckpointableJob(st.torch_threads), [0]), timeout_s=120)
     many = Resources(cpus_per_task=4096, timeout_min=5)
-    ex = make_executor("local", tmp_path / "b", many, name="t")
+    ex = make_executor("local", tmp_path / "b", many, name="t", preload=preload)
     (default,) = wait(submit_array(ex, CheckpointableJob(st.torch_threads), [0]), timeout_s=120)
     assert (one.result, default.result) == (1, torch.get_num_threads())
     assert st.torch_threads() == torch.get_num_threads()  # the submitting process: untouched
 
 
-def test_local_executor_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@LOCAL_FLAVOURS
+def test_local_executor_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         preload: tuple[str, ...]) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    executor = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5), name="local")
+    executor = make_executor("local", tmp_path, Resources(cpus_per_task=1, timeout_min=5),
+                             name="local", preload=preload)
     outcomes = wait(submit_array(executor, st.fail_if_negative, [4, -1]), poll_s=0.1, timeout_s=120)
     assert outcomes[0].result == 4
     assert "selftest refuses negative input -1" in str(outcomes[1].error)
