@@ -110,23 +110,48 @@ def test_local_executor_job_equals_the_in_process_run(tmp_path):
                     reason=f"needs {INSTALL_HINT} and dataset-fashion-mnist")
 def test_a_time_limited_pretraining_job_is_requeued_by_slurm_and_continues(tmp_path,
                                                                             tmp_path_factory):
-    epochs = "30"  # ~70 s on one core: past the 45 s at which SLURM signals a 1-min job
-    # a short folder: its socket paths must stay under 108 characters (pytest-xdist nests)
-    with LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=950000) as slurm:
-        env = {**os.environ, **slurm.env, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        p = _pretrain(tmp_path / "job", "--epochs", epochs, "--executor", "slurm",
-                      "--timeout-min", "1", "--cpus-per-task", "1", "--gpus-per-node", "0",
-                      "--mem-gb", "2", env=env)
-        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
-        job = p.stdout.split("as job ")[1].split()[0]
-        history = sacct_history(job, env)
+    # A 2-min limit: SLURM signals USR2 24 s before it, checking every 30 s, so between 66 and
+    # 96 s after each start (a 1-min limit let it come 15 s after a start: under load, before
+    # the job had installed its handler). 70 epochs: ~4 min of work on one shared core here
+    # (one requeue at least on a machine twice as fast).
+    epochs = "70"
+    # the uninterrupted run to compare with, meanwhile on the other core
+    whole_log = tmp_path / "whole.log"  # a file, not a pipe: 70 epochs of progress bars
+    with whole_log.open("w") as f:
+        whole = subprocess.Popen([sys.executable, "-m", "pretrain", *TINY, "--out",
+                                  str(tmp_path / "whole"), "--epochs", epochs], cwd=REPO,
+                                 env=ONE_THREAD, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        # a short folder: its socket paths must stay under 108 characters (xdist nests)
+        with LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=950000) as slurm:
+            env = {**os.environ, **slurm.env, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            p = _pretrain(tmp_path / "job", "--epochs", epochs, "--executor", "slurm",
+                          "--timeout-min", "2", "--cpus-per-task", "1", "--gpus-per-node",
+                          "0", "--mem-gb", "2", env=env)
+            if p.returncode != 0:
+                pytest.fail(_failure_report(p, tmp_path / "job" / "_logs"), pytrace=False)
+            job = p.stdout.split("as job ")[1].split()[0]
+            history = sacct_history(job, env)
+    except BaseException:
+        whole.kill()
+        whole.wait()
+        raise
     assert "REQUEUED" in history, history  # the job's result came back: it completed
     log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == list(range(int(epochs)))  # each epoch logged once
-    whole = _pretrain(tmp_path / "whole", "--epochs", epochs, env=ONE_THREAD)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert whole.wait(timeout=900) == 0, whole_log.read_text()[-2000:]
     _same_weights(tmp_path / "whole", tmp_path / "job")
+
+
+def _failure_report(p: subprocess.CompletedProcess, logs: Path) -> str:
+    """Everything needed to tell why a submitted run failed, in full (a tuple assert message
+    is cut short by pytest): the submitter's output and the tail of each job log."""
+    parts = [f"exit status {p.returncode}", "--- stdout", p.stdout[-3000:],
+             "--- stderr", p.stderr[-3000:]]
+    for f in sorted(logs.rglob("*_log.*")):
+        parts += [f"--- {f}", f.read_text(errors="replace")[-4000:]]
+    return "\n".join(parts)
 
 
 @pytest.mark.parametrize("kind", ["local", "slurm"])
