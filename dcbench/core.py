@@ -22,7 +22,9 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,17 +173,53 @@ def file_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+# a job scheduler's "time is up" / "checkpoint now" signals (submitit: USR2 checkpoints,
+# requeues and exits; TERM); never SIGINT, which the user sends
+SCHEDULER_SIGNALS = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2", "SIGTERM")
+                          if hasattr(signal, n))
+
+
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = SCHEDULER_SIGNALS) -> Iterator[None]:
+    """Hold back the Python handlers of ``signums`` while the block runs, then deliver each
+    signal that came meanwhile, once. A handler that exits in the middle of ``torch.save``
+    leaves the zip writer's own error ("unexpected pos"), which then stands for the job's
+    result instead of its requeue. Main thread only (where Python runs handlers); elsewhere,
+    and for signals whose handler Python did not install, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    mine = [s for s in signums if signal.getsignal(s) is not None]
+    old = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in mine}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file next to ``path`` for writing; on success fsync it and rename it over
     ``path``; on any error remove it. Readers see the old file or the new one, never a part.
+    A scheduler's signal that arrives meanwhile is handled once the file is in place
+    (:func:`deferred_signals`).
 
     The temp file is created with mode ``0o666`` filtered by the umask, like any file the
     user writes (``tempfile.mkstemp`` would force 0600).
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
-    path = Path(path)
+    with deferred_signals():
+        with _atomic_open(Path(path), mode) as f:
+            yield f
+
+
+@contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO]:
     tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ The released-format files are written here by hand (``features.`` -> ``features.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,43 @@ def test_bare_state_dict_of_no_known_architecture(tmp_path, small_alexnet):
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     assert str(path) in str(e.value) and "4 conv" in str(e.value)
+
+
+def test_a_requeue_signal_during_a_checkpoint_save_is_handled_once_the_file_is_whole(
+        tmp_path, monkeypatch):
+    """submitit's USR2 handler checkpoints, requeues and calls sys.exit. Arriving in the middle
+    of torch.save, it left torch's own "unexpected pos" RuntimeError, which became the job's
+    result: the run failed although its requeue had been issued. Now the save finishes, the
+    handler runs after it, once, and the file on disk is whole."""
+    import signal
+
+    from pretrain import checkpoint as ck
+
+    calls, sent = [], []
+
+    def exit_like_submitit(signum, frame):
+        calls.append(signum)
+        sys.exit(-1)
+
+    write = ck._WriteErrors.write
+
+    def write_then_signal(self, data):
+        n = write(self, data)
+        if not sent:  # the signal lands in the middle of the first record's writes
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return n
+
+    monkeypatch.setattr(ck._WriteErrors, "write", write_then_signal)
+    obj = {"w": torch.randn(512, 512), "b": torch.arange(10)}
+    old = signal.signal(signal.SIGUSR2, exit_like_submitit)
+    try:
+        with pytest.raises(SystemExit):
+            ck.atomic_torch_save(obj, tmp_path / "c.pth")
+        assert signal.getsignal(signal.SIGUSR2) is exit_like_submitit  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert sent and calls == [signal.SIGUSR2]
+    back = torch.load(tmp_path / "c.pth", map_location="cpu", weights_only=True)
+    assert torch.equal(back["w"], obj["w"]) and torch.equal(back["b"], obj["b"])
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temp file left
