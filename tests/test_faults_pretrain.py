@@ -79,8 +79,9 @@ def test_signal_at_each_phase_then_resume_is_exact(reference, tmp_path, phase, s
     if sig == "INT":
         assert "interrupted; continue with --resume" in p.stderr
         assert not litter(out)  # the temp file and the lock went with a clean stop
-    # the epoch-0 checkpoint is intact whatever was interrupted in epoch 1; a TERM in the
-    # middle of epoch 1's save waits for it (dcbench.core.deferred_signals): then epoch 1's
+    # the epoch-0 checkpoint is intact whatever was interrupted in epoch 1, except that a
+    # TERM in the middle of epoch 1's save is held until that save is in place
+    # (dcbench.core.deferred_signals): the checkpoint then has 2 epochs done
     done = 2 if (sig, phase) == ("TERM", "saving") else 1
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == done
     resumed = pretrain(out, "--resume")
