@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dcbench.core import atomic_write, atomic_write_json, file_sha256  # noqa: E402
+from dcbench.core import UserError, atomic_write, atomic_write_json, file_sha256  # noqa: E402
 
 # (header, task, column): the README's demo columns; best epoch / final, paper test variant
 COLUMNS = (
@@ -61,6 +61,7 @@ def values(results: Path) -> dict[str, dict[str, float]]:
     """{checkpoint sha256 (or "Random"): {header: value}} from every record under ``results``."""
     wanted = {(task, col): head for head, task, col in COLUMNS}
     out: dict[str, dict[str, float]] = {}
+    source: dict[tuple[str, str], Path] = {}
     for f in sorted(results.glob("*/*.json")):
         try:
             recs = json.loads(f.read_text())["records"]
@@ -71,6 +72,12 @@ def values(results: Path) -> dict[str, dict[str, float]]:
             if head and r["selection"] in SELECTIONS and r["variant"] in VARIANTS:
                 ck = r["checkpoint"]
                 key = "Random" if ck["label"].startswith("Random") else ck["sha256"]
+                first = source.setdefault((key, head), f)
+                if first != f:
+                    raise UserError(
+                        f"{results} holds two cells with {head} of checkpoint {ck['label']!r}: "
+                        f"{first} and {f} (a suite whose recipe changed between runs); give "
+                        "a fresh --out, or delete the cell file of the recipe no longer wanted.")
                 out.setdefault(key, {})[head] = float(r["value"])
     return out
 
@@ -125,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
               "(or give the --out and --seeds of an earlier run)", file=sys.stderr)
         return 2
     shas = {s: file_sha256(out / f"seed{s}" / "checkpoint.pth") for s in args.seeds}
-    md, summary = table(values(out / "results"), shas)
+    try:
+        md, summary = table(values(out / "results"), shas)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(md)
     atomic_write(out / "seeds.md", md)
     atomic_write_json(out / "seeds.json", summary)

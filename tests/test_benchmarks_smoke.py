@@ -184,6 +184,22 @@ def test_demo_seeds_table_lists_every_seed_with_mean_std_and_random(tmp_path):
     assert "82.0 ± 2.0" in rows["mean ± std"] and "+7.0" in rows["mean − Random"]
 
 
+def test_demo_seeds_refuses_a_results_folder_with_two_recipes_of_one_cell(tmp_path):
+    """A suite whose probe recipe changed leaves the old cell's file beside the new one: the
+    table must not take whichever file sorts last; one error names both files."""
+    ds = _load_bench("demo_seeds")
+    results = tmp_path / "results"
+    for cell, value in (("linear-imagenet-s0-aaaa", 80.0), ("linear-imagenet-s0-bbbb", 83.0)):
+        (results / "ck").mkdir(parents=True, exist_ok=True)
+        (results / "ck" / f"{cell}.json").write_text(
+            json.dumps({"records": [_record("linear", "imagenet/conv3", value, "x", "s0")]}))
+    with pytest.raises(ds.UserError, match="linear-imagenet-s0-aaaa.json.*"
+                                           "linear-imagenet-s0-bbbb.json.*fresh --out"):
+        ds.values(results)
+    (results / "ck" / "linear-imagenet-s0-aaaa.json").unlink()
+    assert ds.values(results) == {"s0": {"IN conv3": 83.0}}
+
+
 def test_demo_profile_sums_what_the_demo_logged(tmp_path):
     """Per-phase seconds summed over epochs, cell seconds per kind, the evaluation's wall span
     from the records' own start / end times (two cells that overlapped: 100 s, not 150)."""
