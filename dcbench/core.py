@@ -283,12 +283,28 @@ def eval_transform(resize: int, size: int):
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), _normalize()])
 
 
-def probe_train_transform(resize: int, size: int):
-    """The authors' probe training crops: Resize, CenterCrop(resize), RandomCrop, flip."""
+def probe_train_prefix(resize: int):
+    """The deterministic part of :func:`probe_train_transform`: Resize, CenterCrop(resize),
+    then ToTensor and normalisation -- per-pixel, so they commute with the crop and flip."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.RandomCrop(size),
-                      T.RandomHorizontalFlip(), T.ToTensor(), _normalize()])
+    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.ToTensor(), _normalize()])
+
+
+def probe_train_suffix(size: int):
+    """The random part of :func:`probe_train_transform`, on the prefix's tensor: RandomCrop and
+    flip draw from torch's RNG exactly as they do on a PIL image."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomCrop(size), T.RandomHorizontalFlip()])
+
+
+def probe_train_transform(resize: int, size: int):
+    """The authors' probe training crops: Resize, CenterCrop(resize), RandomCrop, flip,
+    normalised -- as prefix then suffix, pixel for pixel what the authors' order gives."""
+    from torchvision import transforms as T
+
+    return T.Compose([probe_train_prefix(resize), probe_train_suffix(size)])
 
 
 class _StackCrops:

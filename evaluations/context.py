@@ -24,7 +24,8 @@ class Runtime:
 
     workers: int = 8  # DataLoader worker processes
     device: str = "auto"  # auto | cpu | cuda[:N]
-    val_cache_gb: float = 2.0  # keep frozen val features in memory up to this size
+    # keep frozen val features, and decoded train images without workers, in memory up to this
+    val_cache_gb: float = 2.0
     trust_pickle: bool = False  # load checkpoints that need weights_only=False
     save_every: int = 1000  # iterations between a long task's saves of its training state
     # NHWC weights: faster convolutions (oneDNN CPUs, tensor-core GPUs); the same numbers up

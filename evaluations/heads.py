@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from dcbench.core import (EnumeratedSampler, SeededDraws, check_finite_loss, derive_seed,
-                          probe_test_transform, probe_train_transform, sgd)
+                          probe_test_transform, probe_train_prefix, probe_train_suffix, sgd)
 from pretrain.checkpoint import atomic_torch_save
 from pretrain.data import loader_batches
 from pretrain.models import TapNet
@@ -48,14 +48,40 @@ class ProbeData:
 
 
 def probe_data(ctx: TaskContext, resize_size: int, input_size: int) -> ProbeData:
-    """Train (random crops) and val (ten crops) sets of the cell's dataset role."""
+    """Train (random crops) and val (ten crops) sets of the cell's dataset role. With no
+    DataLoader workers, the train images' deterministic prefix (decode, resize, normalise) is
+    kept in memory when every image's fits in ``runtime.val_cache_gb``: each epoch then only
+    crops and flips (the same pixels and RNG draws as decoding again)."""
     reader = READERS[ctx.dataset]
     train, val = reader(ctx.data_root, "train"), reader(ctx.data_root, "val")
-    return ProbeData(train.dataset(probe_train_transform(resize_size, input_size)),
+    need = len(train) * 3 * resize_size * resize_size * 4
+    budget = ctx.runtime.val_cache_gb * 2**30 if ctx.runtime.workers == 0 else 0
+    return ProbeData(MemoPrefix(train.dataset(probe_train_prefix(resize_size)),
+                                probe_train_suffix(input_size), memo=need <= budget),
                      val.dataset(probe_test_transform(resize_size, input_size)),
                      train.num_classes,
                      {"train": len(train), "val": len(val), "classes": train.num_classes,
                       "train_layout": train.layout, "val_layout": val.layout})
+
+
+class MemoPrefix:
+    """``dataset`` (built with a deterministic transform) followed by the random ``suffix``
+    on its image; with ``memo``, each item of ``dataset`` is computed once and kept."""
+
+    def __init__(self, dataset, suffix, memo: bool) -> None:
+        self.dataset, self.suffix, self.memo = dataset, suffix, memo
+        self._items: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self._items.get(i)
+        if item is None:
+            item = self.dataset[i]
+            if self.memo:
+                self._items[i] = item
+        return (self.suffix(item[0]), *item[1:])
 
 
 def head_seed(seed: int, name: str) -> int:

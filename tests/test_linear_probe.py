@@ -168,3 +168,73 @@ def test_heads_sharing_an_input_score_as_each_alone():
             assert scores[h.name][1] == pytest.approx(centre)
             assert scores[h.name][2] == pytest.approx(100.0)  # 4 classes: top-5 is all
     assert len({scores[h.name][:2] for h in heads}) > 2  # the heads do differ
+
+
+def _authors_train_crops(resize: int, size: int):
+    """The probe's training transform written out in the authors' order (PIL crop and flip,
+    then ToTensor and the ImageNet normalisation): the reference for the split transform."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(resize), T.RandomCrop(size),
+                      T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+
+def test_split_train_transform_gives_the_authors_pixels_and_draws(tmp_path):
+    """Prefix (resize, normalise) then suffix (crop, flip on the tensor) = the authors' PIL
+    order, pixel for pixel, for every seed (crops and flips both drawn), on real images."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from dcbench.core import probe_train_transform
+
+    photo = Image.fromarray(skdata.astronaut()).resize((97, 83))
+    grey = Image.fromarray((np.arange(28 * 28) % 251).astype(np.uint8).reshape(28, 28)).convert(
+        "RGB")
+    flips = set()
+    for img, (resize, size) in ((photo, (72, 64)), (grey, (72, 64)), (photo, (40, 32))):
+        ours, ref = probe_train_transform(resize, size), _authors_train_crops(resize, size)
+        for seed in range(12):
+            torch.manual_seed(seed)
+            a = ours(img)
+            after_ours = torch.rand(1)
+            torch.manual_seed(seed)
+            b = ref(img)
+            assert torch.equal(a, b), (resize, size, seed)
+            assert torch.equal(after_ours, torch.rand(1))  # the same number of draws
+            flips.add(bool(torch.equal(a, b.flip(-1))))
+    assert flips == {False}  # (no crop is its own mirror image here)
+
+
+def test_train_images_are_decoded_once_and_crop_as_before(tmp_path):
+    """With the memo the reader decodes each image once, and every epoch's random crops equal
+    those of decoding again (seeded per epoch and draw)."""
+    from dcbench.core import SeededDraws, probe_train_prefix, probe_train_suffix
+    from evaluations.heads import MemoPrefix
+
+    class Reader(Dataset):
+        def __init__(self, transform):
+            from PIL import Image
+            from skimage import data as skdata
+            self.img = Image.fromarray(skdata.chelsea()).resize((80, 60))
+            self.transform, self.calls = transform, []
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            self.calls.append(i)
+            return self.transform(self.img.rotate(10 * i)), i % 2, i
+
+    memo_reader, fresh_reader = Reader(probe_train_prefix(72)), Reader(probe_train_prefix(72))
+    memo = SeededDraws(MemoPrefix(memo_reader, probe_train_suffix(64), True), 7)
+    fresh = SeededDraws(MemoPrefix(fresh_reader, probe_train_suffix(64), False), 7)
+    for epoch in range(3):
+        memo.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        for draw, i in enumerate([3, 0, 4, 1, 2]):
+            a, b = memo[(draw, i)], fresh[(draw, i)]
+            assert torch.equal(a[0], b[0]) and a[1:] == b[1:] == (i % 2, i)
+    assert memo_reader.calls == [3, 0, 4, 1, 2]  # memo: the first epoch only
+    assert len(fresh_reader.calls) == 15         # fresh: every epoch
