@@ -147,3 +147,20 @@ def test_a_killed_probe_cell_resumes_when_run_all_is_rerun(env, tmp_path):
     assert got == want
     assert recs[0]["details"]["resumed_at_epoch"] >= 1
     assert not list(results.glob("*/.state/*/*"))
+
+
+def test_train_images_are_kept_only_without_workers_and_within_the_budget(env, tmp_path):
+    """The memo of decoded train images is a runtime choice: on with no workers when the set
+    fits in val_cache_gb, off otherwise -- and a probe gives the same numbers either way."""
+    def ctx(**rt):
+        return TaskContext(env["info"], "places", env["places"], 0, Runtime(**rt),
+                           resolve_device("cpu"), tmp_path / str(sorted(rt.items())))
+
+    assert heads.probe_data(ctx(workers=0), 72, 64).train.memo
+    assert not heads.probe_data(ctx(workers=2), 72, 64).train.memo
+    assert not heads.probe_data(ctx(workers=0, val_cache_gb=0), 72, 64).train.memo
+    cfg = TASKS[0][1]
+    kept = linear.run(cfg, ctx(workers=0))
+    decoded_each_epoch = linear.run(cfg, ctx(workers=0, val_cache_gb=0))
+    assert [(m.column, m.value, m.details["epoch"], m.details["head"]) for m in kept] == \
+        [(m.column, m.value, m.details["epoch"], m.details["head"]) for m in decoded_each_epoch]
