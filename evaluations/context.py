@@ -24,7 +24,7 @@ class Runtime:
 
     workers: int = 8  # DataLoader worker processes
     device: str = "auto"  # auto | cpu | cuda[:N]
-    # keep frozen val features, and decoded train images without workers, in memory up to this
+    # in-memory caches, each up to this size: frozen val features; decoded train images (no workers)
     val_cache_gb: float = 2.0
     trust_pickle: bool = False  # load checkpoints that need weights_only=False
     save_every: int = 1000  # iterations between a long task's saves of its training state

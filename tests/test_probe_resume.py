@@ -152,9 +152,10 @@ def test_a_killed_probe_cell_resumes_when_run_all_is_rerun(env, tmp_path):
 def test_train_images_are_kept_only_without_workers_and_within_the_budget(env, tmp_path):
     """The memo of decoded train images is a runtime choice: on with no workers when the set
     fits in val_cache_gb, off otherwise -- and a probe gives the same numbers either way."""
-    def ctx(**rt):
-        return TaskContext(env["info"], "places", env["places"], 0, Runtime(**rt),
-                           resolve_device("cpu"), tmp_path / str(sorted(rt.items())))
+    def ctx(workers, val_cache_gb=2.0):
+        return TaskContext(env["info"], "places", env["places"], 0,
+                           Runtime(workers=workers, val_cache_gb=val_cache_gb),
+                           resolve_device("cpu"), tmp_path / f"w{workers}-gb{val_cache_gb}")
 
     assert heads.probe_data(ctx(workers=0), 72, 64).train.memo
     assert not heads.probe_data(ctx(workers=2), 72, 64).train.memo
