@@ -98,10 +98,10 @@ def parse_roots(args, suite, cache: Path) -> tuple[dict[str, Path], dict[str, st
                             f"Pass --data-root {role}=PATH or --datasets FILE.toml "
                             "(or --suite demo for the embedded data).")
         if str(given[role]) == "embedded":
-            from .datasets.embedded import DATASET_NAMES, build_embedded
+            from .datasets.embedded import build_embedded, role_dataset_name
 
             emb = build_embedded(cache / "embedded", roles=(role,), **suite.embedded)
-            roots[role], names[role] = emb[role], DATASET_NAMES[role]
+            roots[role], names[role] = emb[role], role_dataset_name(role, **suite.embedded)
         else:
             root = Path(given[role]).expanduser()
             check_root(role, root)  # the layout now, not in a job hours later

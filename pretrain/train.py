@@ -43,6 +43,7 @@ from .distributed import Dist, gather_rows, on_main, rank_batches, shard, sum_al
 from .gpu_data import GpuInputs, images_of
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
+from .scenes import fashion_scenes
 
 log = logging.getLogger(__name__)
 FEATURE_BATCH = 256  # eval-mode extraction: per-image results, so only speed depends on it
@@ -55,11 +56,13 @@ COLLAPSE_WARNING_TAIL = 3e-6
 
 def load_pretrain_data(cfg: PretrainConfig):
     """(dataset factory taking a transform, labels or None, a description)."""
-    if cfg.dataset == "fashion-mnist":
+    if cfg.dataset in ("fashion-mnist", "fashion-scenes"):
         images, labels = fashion_mnist("train")
         n = min(cfg.subset or len(images), len(images))
         images, labels = images[:n], labels[:n]
-        return (lambda tf: ArrayImageDataset(images, labels, tf)), labels, f"fashion-mnist[:{n}]"
+        if cfg.dataset == "fashion-scenes":
+            images, labels = fashion_scenes("train", np.arange(n))
+        return (lambda tf: ArrayImageDataset(images, labels, tf)), labels, f"{cfg.dataset}[:{n}]"
     root = Path(cfg.data).expanduser()
     if (root / "train").is_dir():
         root = root / "train"

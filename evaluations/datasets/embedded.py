@@ -8,7 +8,10 @@ Roles and what is written (``<cache_dir>/<role>-<hash12>/``, hash = build parame
   the test split; fake wnids ``n00000000``..``n00000009`` (= the Fashion-MNIST labels 0..9, so
   sorted wnid order = label order) with names in ``synset_words.txt`` (``<wnid> <name>``, the
   format of ``LOC_synset_mapping.txt``). Lossless grey PNGs, 28x28 unless ``size`` is given
-  (then BICUBIC-resized). ``<index>`` is the image's index in the source split.
+  (then BICUBIC-resized). ``<index>`` is the image's index in the source split. With
+  ``imagenet_source = "fashion-scenes"`` (the demo suite) each item is composed on a 72-px
+  photo crop (RGB PNGs, :func:`pretrain.scenes.fashion_scenes`): train image ``<index>`` is
+  the very image ``python -m pretrain --dataset fashion-scenes`` trains on.
 * ``places``: scikit-learn's ``load_digits`` (8x8, 17 grey levels scaled to 0..255) in the
   official Places205 split-file layout: ``trainvalsplit_places205/{train,val}_places205.csv``
   and ``data/vision/torralba/deeplearning/images256/d/digit_<name>[/outdoor]/gsun_<32hex>.jpg``
@@ -42,7 +45,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -51,6 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
+from pretrain.scenes import fashion_scenes
 from dcbench.core import UserError, atomic_write, pid_alive
 
 from .common import write_datasets_file
@@ -74,12 +78,16 @@ DATASET_NAMES = MappingProxyType({"imagenet": "embedded/fashion-mnist",
 SHARED_BUILD = MappingProxyType({"roxford5k": "oxford5k", "rparis6k": "paris6k"})
 # the build parameters each role depends on (its folder's key hashes these only)
 ROLE_PARAMS = MappingProxyType({
-    "imagenet": ("n_train_per_class", "n_val_per_class", "imagenet_val_per_class", "size"),
+    "imagenet": ("n_train_per_class", "n_val_per_class", "imagenet_val_per_class", "size",
+                 "imagenet_source"),
     "places": ("n_train_per_class", "n_val_per_class", "size"),
     "voc07": ("voc_trainval", "voc_test", "voc_size"),
     "voc12": ("voc_trainval", "voc_size"),
     **{role: ("retrieval_max_side",) for role in RETRIEVAL_ROLES}})
-OPTIONAL_PARAMS = ("imagenet_val_per_class",)  # added later: in a key only when set
+# added later: in a key only when set to something else than these (the bytes of before)
+OPTIONAL_PARAMS = MappingProxyType({"imagenet_val_per_class": (None,),
+                                    "imagenet_source": (None, "fashion-mnist")})
+IMAGENET_SOURCES = ("fashion-mnist", "fashion-scenes")  # pretrain --dataset names
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -102,6 +110,10 @@ class BuildParams:
     # the ImageNet role's val images per class, when more than n_val_per_class (the
     # Fashion-MNIST test split has 1,000 per class; the digits of 'places' cap that role)
     imagenet_val_per_class: int | None = None
+    # the ImageNet role's images: "fashion-mnist" (None: the 28-px grey items) or
+    # "fashion-scenes" (each item on a 72-px photo crop, :mod:`pretrain.scenes`: the images
+    # ``python -m pretrain --dataset fashion-scenes`` trains on)
+    imagenet_source: str | None = None
     voc_trainval: int = 800  # VOC2007 trainval / VOC2012 train+val images
     voc_test: int = 400  # VOC2007 test images
     voc_size: int = 128
@@ -113,7 +125,7 @@ class BuildParams:
         (:data:`OPTIONAL_PARAMS`) is left out, so folders built before it existed keep their key."""
         relevant = {k: getattr(self, k) for k in ("role", *ROLE_PARAMS.get(self.role, ()),
                                                   "version")
-                    if not (k in OPTIONAL_PARAMS and getattr(self, k) is None)}
+                    if getattr(self, k) not in OPTIONAL_PARAMS.get(k, ())}
         relevant["role"] = SHARED_BUILD.get(self.role, self.role)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -125,11 +137,12 @@ def build_embedded(cache_dir: Path, n_train_per_class: int = 100, n_val_per_clas
     ``voc``: ``voc_trainval``, ``voc_test``, ``voc_size`` for the VOC roles,
     ``retrieval_max_side`` for the retrieval roles."""
     unknown = sorted(set(voc) - {"voc_trainval", "voc_test", "voc_size", "retrieval_max_side",
-                                 "imagenet_val_per_class"})
+                                 "imagenet_val_per_class", "imagenet_source"})
     if unknown:
         raise UserError(f"embedded suite: unknown setting(s) {unknown}; known: "
-                        "n_train_per_class, n_val_per_class, imagenet_val_per_class, size, "
-                        "voc_trainval, voc_test, voc_size, retrieval_max_side.")
+                        "n_train_per_class, n_val_per_class, imagenet_val_per_class, "
+                        "imagenet_source, size, voc_trainval, voc_test, voc_size, "
+                        "retrieval_max_side.")
     params = [BuildParams(role, n_train_per_class, n_val_per_class, size, **voc)
               for role in roles]
     for p in params:  # all parameter errors before anything is built
@@ -169,12 +182,11 @@ def build_role(cache_dir: Path, params: BuildParams) -> Path:
     tmp = _tmp_path(cache_dir, final.name)
     try:
         tmp.mkdir()
-        log.info("building embedded %s (%s) in %s", params.role, DATASET_NAMES[params.role],
-                 final)
+        log.info("building embedded %s (%s) in %s", params.role, dataset_name(params), final)
         _BUILDERS[params.role](tmp, params)
         atomic_write(tmp / MARKER, json.dumps(
             {"params": asdict(params), "key": params.key(),
-             "dataset_name": DATASET_NAMES[params.role]}, indent=1, sort_keys=True))
+             "dataset_name": dataset_name(params)}, indent=1, sort_keys=True))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -185,6 +197,19 @@ def build_role(cache_dir: Path, params: BuildParams) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def dataset_name(params: BuildParams) -> str:
+    """What records say a role's data was: ``embedded/<name>``."""
+    if params.role == "imagenet" and params.imagenet_source is not None:
+        return f"embedded/{params.imagenet_source}"
+    return DATASET_NAMES[params.role]
+
+
+def role_dataset_name(role: str, **settings) -> str:
+    """:func:`dataset_name` of ``role`` built with a suite's ``[embedded]`` ``settings``."""
+    known = {f.name for f in fields(BuildParams)}
+    return dataset_name(BuildParams(role, **{k: v for k, v in settings.items() if k in known}))
 
 
 def is_complete(root: Path, params: BuildParams) -> bool:
@@ -223,6 +248,8 @@ def _build_imagenet(root: Path, params: BuildParams) -> None:
                              ("val", "test", n_val)):
         images, labels = fashion_mnist(source)
         idx = first_per_class(labels, 10, n, f"Fashion-MNIST {source}")
+        if params.imagenet_source == "fashion-scenes":  # image i = pretraining's image i
+            images = dict(zip(idx.tolist(), fashion_scenes(source, idx)[0]))
         for w in FMNIST_WNIDS:
             (root / split / w).mkdir(parents=True)
         for i in _progress(idx, f"fashion-mnist {split}"):
@@ -344,6 +371,13 @@ def _validate(p: BuildParams) -> None:
                         " fewer, or build the roles separately with build_role.")
     if p.size is not None and (not isinstance(p.size, int) or p.size < 8):
         raise UserError(f"embedded suite: size must be None or an integer >= 8, got {p.size!r}.")
+    if p.role == "imagenet" and p.imagenet_source not in (None, *IMAGENET_SOURCES):
+        raise UserError(f"embedded suite: imagenet_source must be one of "
+                        f"{', '.join(IMAGENET_SOURCES)}, got {p.imagenet_source!r}.")
+    if p.role == "imagenet" and p.imagenet_source == "fashion-scenes" and p.size is not None:
+        raise UserError("embedded suite: size resizes the 28-px Fashion-MNIST items; the "
+                        "fashion-scenes images are 72 px, the size pretraining uses: drop size "
+                        f"(got {p.size!r}) or use imagenet_source = \"fashion-mnist\".")
 
 
 def _tmp_path(cache_dir: Path, name: str) -> Path:

@@ -5,7 +5,7 @@ Each scene is a crop of one of scikit-learn's bundled photos (``load_sample_imag
 lowered in contrast) with 1-3 real items pasted on it: Fashion-MNIST items (Debian
 ``dataset-fashion-mnist``) and scikit-learn digits (``load_digits``), each resized to 26-70 px
 (at 128 px images; sizes scale with ``image_size``) and tinted with a random pale colour shaded
-by the item's own grey levels (the knobs: :class:`SceneStyle`). The 20
+by the item's own grey levels (:mod:`pretrain.scenes`; the knobs: :class:`SceneStyle`). The 20
 VOC class names stand for the 10 Fashion-MNIST classes then the 10 digits, in
 :data:`~.voc.VOC_CLASSES` order (``aeroplane`` = T-shirt/top, ..., ``diningtable`` = Ankle
 boot, ``dog`` = digit 0, ..., ``tvmonitor`` = digit 9), written to ``class_sources.txt``.
@@ -43,11 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 from scipy import ndimage
 
 from dcbench.core import UserError, derive_seed
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
+from pretrain.scenes import (DIGITS_THRESHOLD, FMNIST_THRESHOLD, SceneStyle, background_photos,
+                             paint_item, photo_background, place_item, to_uint8)
 
 from .voc import NUM_CLASSES, VOC_CLASSES, VOID, YEARS, voc_colormap, write_mask
 
@@ -60,21 +62,7 @@ DEFAULT_SIZES = {2007: (800, 400), 2012: (600, 0)}  # (n_trainval, n_test)
 DIFFICULT_SIDE = 22 / 128  # visible box's long side below this (fraction) -> difficult
 DIFFICULT_VISIBLE = 0.5  # visible fraction of the item's pixels below this -> difficult
 VOID_OUT, VOID_IN = 2 / 128, 1 / 128  # void band widths outside / inside the outline
-FMNIST_THRESHOLD, DIGITS_THRESHOLD = 24, 64  # foreground grey level (0..255)
 JPEG_QUALITY = 90
-
-
-@dataclass(frozen=True)
-class SceneStyle:
-    """The knobs of scene composition (sizes are fractions of the image side)."""
-
-    max_objects: int = 3
-    obj_min: float = 26 / 128
-    obj_max: float = 70 / 128
-    truncate_p: float = 0.15  # chance an object is placed across an edge of the image
-    bg_contrast: float = 0.6  # background pixels pulled toward their mean by 1 - this
-    bg_blur: float = 1.5  # Gaussian blur radius of the background, in pixels at 128 px
-    tint_min: float = 0.7  # item tint channels drawn in [tint_min, 1], then max-normalised
 
 
 @dataclass(frozen=True)
@@ -187,18 +175,11 @@ def load_sources(heldout: bool) -> Sources:
     return Sources(fm, fm_labels, grey, np.asarray(digits.target[pick], dtype=np.int64))
 
 
-def background_photos() -> tuple[np.ndarray, ...]:
-    """scikit-learn's bundled photos, uint8 [H, W, 3]."""
-    from sklearn.datasets import load_sample_images
-
-    return tuple(np.asarray(im, dtype=np.uint8) for im in load_sample_images().images)
-
-
 def compose_scene(rng: np.random.Generator, size: int, sources: Sources,
                   by_class: Sequence[np.ndarray], backgrounds: Sequence[np.ndarray],
                   style: SceneStyle = SceneStyle()) -> Scene:
     """One scene: a photo crop with 1..max_objects non-overlapping items."""
-    canvas = _background(rng, size, backgrounds, style)
+    canvas = photo_background(rng, size, backgrounds, style)
     occupied = np.zeros((size, size), dtype=bool)
     objects: list[PlacedObject] = []
     out_r = max(1, round(VOID_OUT * size))
@@ -208,14 +189,11 @@ def compose_scene(rng: np.random.Generator, size: int, sources: Sources,
             break
         cls = int(rng.integers(NUM_CLASSES))
         grey, threshold = sources.item(cls, int(rng.choice(by_class[cls])))
-        placed = _place(rng, size, grey, threshold, cls < 10, occupied, style)
+        placed = place_item(rng, size, grey, threshold, cls < 10, occupied, style)
         if placed is None:
             continue
         item, visible, total = placed
-        tint = rng.uniform(style.tint_min, 1.0, 3).astype(np.float32)
-        tint /= tint.max()
-        shade = 255.0 * tint[None, :] * (0.25 + 0.75 * item[visible][:, None] / 255.0)
-        canvas[visible] = shade
+        paint_item(rng, canvas, item, visible, style)
         occupied |= ndimage.binary_dilation(visible, iterations=out_r)
         ys, xs = np.nonzero(visible)
         long_side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
@@ -223,7 +201,7 @@ def compose_scene(rng: np.random.Generator, size: int, sources: Sources,
         objects.append(PlacedObject(cls, visible, bool(long_side < DIFFICULT_SIDE * size
                                                        or frac < DIFFICULT_VISIBLE),
                                     bool(frac < 1.0)))
-    return Scene(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), tuple(objects))
+    return Scene(to_uint8(canvas), tuple(objects))
 
 
 def masks(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,58 +251,6 @@ def _assign_splits(year: int, n_trainval: int, n_test: int, seed: int
     if year == 2007:
         splits["test"] = test
     return ids, splits, "test" if year == 2007 else "val"
-
-
-def _background(rng: np.random.Generator, size: int, photos: Sequence[np.ndarray],
-                style: SceneStyle) -> np.ndarray:
-    """A random square window of a photo, rescaled to ``size``, maybe mirrored; float32."""
-    photo = photos[int(rng.integers(len(photos)))]
-    h, w = photo.shape[:2]
-    side = int(rng.integers(min(size, h), min(h, w) + 1))
-    y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
-    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize(
-        (size, size), Image.Resampling.BILINEAR)
-    if style.bg_blur > 0:
-        crop = crop.filter(ImageFilter.GaussianBlur(style.bg_blur * size / 128))
-    out = np.asarray(crop, dtype=np.float32)
-    out = out.mean(axis=(0, 1)) + style.bg_contrast * (out - out.mean(axis=(0, 1)))
-    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
-
-
-def _place(rng: np.random.Generator, size: int, grey: np.ndarray, threshold: int,
-           fill_holes: bool, occupied: np.ndarray, style: SceneStyle, tries: int = 20):
-    """Resize an item and find a free spot: (its grey levels placed in the image frame, float
-    [H, W]; its visible mask; its pixel count), or None."""
-    side = int(rng.integers(round(style.obj_min * size), round(style.obj_max * size) + 1))
-    item = np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BICUBIC),
-                      dtype=np.float32)
-    shape = item > threshold
-    if fill_holes:  # dark patches inside a garment; a digit's loops stay background
-        shape = ndimage.binary_fill_holes(shape)
-    if shape.sum() < 16:
-        return None
-    ys, xs = np.nonzero(shape)
-    truncate = rng.random() < style.truncate_p
-    for _ in range(tries):
-        x0 = int(rng.integers(-xs.min(), size - xs.max()))  # inside the image
-        y0 = int(rng.integers(-ys.min(), size - ys.max()))
-        if truncate:  # pushed across one edge by 10-70 % of its extent
-            edge, cut = int(rng.integers(4)), rng.uniform(0.1, 0.7)
-            dx, dy = int(cut * (xs.max() - xs.min() + 1)), int(cut * (ys.max() - ys.min() + 1))
-            x0 = (-xs.min() - dx, size - 1 - xs.max() + dx, x0, x0)[edge]
-            y0 = (y0, y0, -ys.min() - dy, size - 1 - ys.max() + dy)[edge]
-        full = np.zeros((size + 2 * side, size + 2 * side), dtype=bool)
-        frame = np.zeros(full.shape, dtype=np.float32)
-        full[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side] = shape
-        frame[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side] = item
-        visible = full[side:side + size, side:side + size]
-        if visible.sum() < 16 or (visible & occupied).any():
-            continue
-        ys_v, xs_v = np.nonzero(visible)
-        if ys_v.max() == ys_v.min() or xs_v.max() == xs_v.min():
-            continue
-        return frame[side:side + size, side:side + size], visible, int(shape.sum())
-    return None
 
 
 def _file_labels(objects: Sequence[PlacedObject]) -> list[int]:

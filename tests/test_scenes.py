@@ -1,0 +1,127 @@
+"""fashion-scenes: Fashion-MNIST items on photo crops, an opt-in harder ImageNet role and
+pretraining set. Image i is a function of (split, i) alone; the embedded role's files are the very images
+pretraining trains on; each item is placed whole. Labels and files are read back here
+independently (gzip IDX, PIL)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcbench.core import UserError
+from evaluations.datasets.embedded import (MARKER, BuildParams, build_embedded,
+                                           role_dataset_name)
+from pretrain.config import preset_config
+from pretrain.scenes import (FASHION_SCENE_STYLE, FMNIST_THRESHOLD, SCENE_SIZE, fashion_scenes,
+                             paint_item, place_item)
+from pretrain.train import load_pretrain_data
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason=f"{FMNIST} not installed")
+
+
+def idx_labels(split: str) -> np.ndarray:
+    prefix = "train" if split == "train" else "t10k"
+    data = gzip.decompress((FMNIST / f"{prefix}-labels-idx1-ubyte.gz").read_bytes())
+    return np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
+
+
+def idx_image(split: str, i: int) -> np.ndarray:
+    prefix = "train" if split == "train" else "t10k"
+    data = gzip.decompress((FMNIST / f"{prefix}-images-idx3-ubyte.gz").read_bytes())
+    return np.frombuffer(data, np.uint8, offset=16).reshape(-1, 28, 28)[i]
+
+
+def png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "RGB" and im.size == (SCENE_SIZE, SCENE_SIZE)
+        return np.asarray(im)
+
+
+def test_image_i_is_the_same_whatever_else_is_composed():
+    many, labels = fashion_scenes("train", [3, 7, 11])
+    one, _ = fashion_scenes("train", [11])
+    assert many.shape == (3, SCENE_SIZE, SCENE_SIZE, 3) and many.dtype == np.uint8
+    assert np.array_equal(many[2], one[0])
+    assert labels.tolist() == idx_labels("train")[[3, 7, 11]].tolist()
+    assert not np.array_equal(one[0], fashion_scenes("test", [11])[0][0])  # split is drawn on
+    assert len({m.tobytes() for m in many}) == 3
+    # a photo crop in colour, not a grey item on black
+    assert (many.max(axis=3) - many.min(axis=3)).mean() > 5 and (many > 0).mean() > 0.95
+
+
+def test_each_item_is_placed_whole_at_32_to_60_px_in_a_pale_shaded_tint():
+    grey = idx_image("train", 0)  # an ankle boot
+    shape28 = grey > FMNIST_THRESHOLD
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        placed = place_item(rng, SCENE_SIZE, grey, FMNIST_THRESHOLD, True,
+                            np.zeros((SCENE_SIZE, SCENE_SIZE), bool), FASHION_SCENE_STYLE)
+        assert placed is not None
+        item, visible, total = placed
+        assert visible.sum() == total  # nothing cut by the border
+        ys, xs = np.nonzero(visible)
+        long_side = max(np.ptp(ys), np.ptp(xs)) + 1
+        # the 28-px item's extent scaled to a side of 32..60 px (one px of resampling slack)
+        extent = max(np.ptp(np.nonzero(shape28)[0]), np.ptp(np.nonzero(shape28)[1])) + 1
+        assert 32 * extent / 28 - 2 <= long_side <= 60 * extent / 28 + 2
+    # painted: a pale colour (channels within 0.7 of the brightest) whose brightness follows
+    # the item's grey level from a quarter to all of it
+    canvas = np.zeros((SCENE_SIZE, SCENE_SIZE, 3), np.float32)
+    paint_item(rng, canvas, item, visible, FASHION_SCENE_STYLE)
+    px, g = canvas[visible], item[visible]
+    assert (canvas[~visible] == 0).all()
+    assert (px.min(axis=1) >= 0.7 * px.max(axis=1) - 1e-3).all()
+    np.testing.assert_allclose(px.max(axis=1), 255 * (0.25 + 0.75 * g / 255), rtol=1e-5)
+
+
+def test_the_embedded_role_holds_the_images_pretraining_trains_on(tmp_path):
+    root = build_embedded(tmp_path, 2, 1, imagenet_source="fashion-scenes",
+                          roles=("imagenet",))["imagenet"]
+    train = sorted((root / "train").rglob("*.png"))
+    index = {p: int(p.stem.rsplit("_", 1)[1]) for p in train}
+    assert len(train) == 20
+    labels = idx_labels("train")
+    # as python -m pretrain --preset demo --dataset fashion-scenes loads it
+    cfg = preset_config("demo", dataset="fashion-scenes",
+                        subset=max(index.values()) + 1).validate()
+    make, pre_labels, desc = load_pretrain_data(cfg)
+    data = make(None)
+    for p, i in index.items():
+        assert p.parent.name == f"n{labels[i]:08d}" and pre_labels[i] == labels[i]
+        assert np.array_equal(png(p), np.asarray(data[i][0])), p
+    val = sorted((root / "val").rglob("*.png"))
+    assert len(val) == 10
+    for p in val:
+        i = int(p.stem.rsplit("_", 1)[1])
+        assert p.parent.name == f"n{idx_labels('test')[i]:08d}"
+        assert np.array_equal(png(p), fashion_scenes("test", [i])[0][0])
+    marker = json.loads((root / MARKER).read_text())
+    assert marker["dataset_name"] == "embedded/fashion-scenes"
+    assert role_dataset_name("imagenet", imagenet_source="fashion-scenes",
+                             n_train_per_class=2) == "embedded/fashion-scenes"
+    assert role_dataset_name("imagenet") == "embedded/fashion-mnist"
+
+
+def test_the_plain_role_keeps_its_key_and_bad_sources_are_refused(tmp_path):
+    # the key folders built before imagenet_source existed have, written out by hand
+    before = hashlib.sha256(json.dumps(
+        {"role": "imagenet", "n_train_per_class": 100, "n_val_per_class": 50, "size": None,
+         "version": 1}, sort_keys=True).encode()).hexdigest()
+    assert BuildParams("imagenet").key() == before
+    assert BuildParams("imagenet", imagenet_source="fashion-mnist").key() == before
+    assert BuildParams("imagenet", imagenet_source="fashion-scenes").key() != before
+    with pytest.raises(UserError, match="imagenet_source must be one of fashion-mnist, "
+                                        "fashion-scenes, got 'cifar'"):
+        build_embedded(tmp_path, 2, 1, imagenet_source="cifar", roles=("imagenet",))
+    with pytest.raises(UserError, match="drop size"):
+        build_embedded(tmp_path, 2, 1, size=32, imagenet_source="fashion-scenes",
+                       roles=("imagenet",))
+    with pytest.raises(UserError, match="fashion-scenes, fashion-mnist"):
+        preset_config("demo", dataset="cifar").validate()
+    assert list(tmp_path.iterdir()) == []
