@@ -4,7 +4,7 @@ paper's recipe is scaled down.)
     python benchmarks/bench_collapse.py [--sizes 2000 4000 10000 60000] [--epochs 10]
                                         [--lrs default 0.05] [--out FILE.json]
 
-Runs ``--preset demo`` for ``--epochs`` epochs on the first N Fashion-MNIST training images
+Runs ``--preset demo`` for ``--epochs`` epochs on the first N images of its Fashion-MNIST set
 for each N, and on scikit-learn's digits (1,797 8x8 grey images written as an ImageFolder),
 once with the preset's learning rate (0.05 x batch/256) and once per extra ``--lrs`` value
 (0.05 = the paper's value at a quarter of its batch). Reports per run: whether it finished,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pretrain.py [--quick]
 
-Runs one epoch of the demo preset (Fashion-MNIST) in a temp folder and reports the seconds
+Runs one epoch of the demo preset (Fashion-MNIST clutter) in a temp folder and reports the seconds
 and images/s of each phase from the run's own log, plus each phase's share of the epoch
 (the paper: "k-means takes a third of the time" at ImageNet scale on a GPU).
 """

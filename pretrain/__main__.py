@@ -21,9 +21,10 @@ from dcbench.core import UserError
 HELP = {
     "data": "ImageNet-layout folder: <DIR>/train/<wnid>/*.JPEG, <DIR>/<wnid>/*, or a flat "
             "folder of images (no labels)",
-    "dataset": "embedded dataset instead of --data: fashion-scenes (Fashion-MNIST items on "
-               "72-px photo crops) or fashion-mnist (the 28-px items); Debian package "
-               "dataset-fashion-mnist",
+    "dataset": "embedded dataset instead of --data, from Debian's dataset-fashion-mnist: "
+               "fashion-clutter (each item whole among 2-4 smaller, dimmer ones, 72 px), "
+               "fashion-mnist (the 28-px items) or fashion-scenes (each item on a 72-px "
+               "photo crop)",
     "subset": "use only the first N images",
     "arch": "network: alexnet | vgg16 | resnet50",
     "sobel": "frozen Sobel front end (--no-sobel for RGB input)",

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, nargs="+", required=True, metavar="K",
                    help="the numbers of clusters, e.g. --k 1000 10000 100000")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper: the paper's protocol; demo: the embedded Fashion-MNIST")
+                   help="paper: the paper's protocol; demo: the embedded Fashion-MNIST clutter")
     p.add_argument("--out", required=True, type=Path,
                    help="sweep folder: one run folder k<K>/ per k, job logs in _logs/")
     p.add_argument("--executor", choices=EXECUTORS, default="local",

@@ -36,7 +36,7 @@ from dcbench.core import (EnumeratedSampler, SeededDraws, UserError, atomic_writ
 
 from . import clustering
 from .checkpoint import FORMAT, atomic_torch_save, read_checkpoint_file, to_released_keys
-from .config import PretrainConfig
+from .config import EMBEDDED_DATASETS, PretrainConfig
 from .data import (ArrayImageDataset, ImageListDataset, fashion_mnist, loader_batches,
                    scan_image_folder)
 from .distributed import Dist, gather_rows, on_main, rank_batches, shard, sum_all
@@ -56,12 +56,12 @@ COLLAPSE_WARNING_TAIL = 3e-6
 
 def load_pretrain_data(cfg: PretrainConfig):
     """(dataset factory taking a transform, labels or None, a description)."""
-    if cfg.dataset in ("fashion-mnist", "fashion-scenes"):
+    if cfg.dataset in EMBEDDED_DATASETS:
         images, labels = fashion_mnist("train")
         n = min(cfg.subset or len(images), len(images))
         images, labels = images[:n], labels[:n]
-        if cfg.dataset == "fashion-scenes":
-            images, labels = fashion_scenes("train", np.arange(n))
+        if cfg.dataset != "fashion-mnist":  # composed at 72 px, image i from item i
+            images, labels = fashion_scenes("train", np.arange(n), cfg.dataset)
         return (lambda tf: ArrayImageDataset(images, labels, tf)), labels, f"{cfg.dataset}[:{n}]"
     root = Path(cfg.data).expanduser()
     if (root / "train").is_dir():

@@ -1,7 +1,7 @@
-"""fashion-scenes: Fashion-MNIST items on photo crops, an opt-in harder ImageNet role and
-pretraining set. Image i is a function of (split, i) alone; the embedded role's files are the very images
-pretraining trains on; each item is placed whole. Labels and files are read back here
-independently (gzip IDX, PIL)."""
+"""The composed Fashion-MNIST sets (fashion-clutter, the demo's; fashion-scenes): pretraining
+data and ImageNet role. Image i is a function of (split, i) alone; the embedded role's files
+are the very images pretraining trains on; each labelled item is placed whole. Labels and
+files are read back here independently (gzip IDX, PIL)."""
 from __future__ import annotations
 
 import gzip
@@ -17,8 +17,10 @@ from dcbench.core import UserError
 from evaluations.datasets.embedded import (MARKER, BuildParams, build_embedded,
                                            role_dataset_name)
 from pretrain.config import preset_config
-from pretrain.scenes import (FASHION_SCENE_STYLE, FMNIST_THRESHOLD, SCENE_SIZE, fashion_scenes,
-                             paint_item, place_item)
+from pretrain.scenes import (CLUTTER_MAIN_STYLE, FASHION_SCENE_STYLE, FMNIST_THRESHOLD,
+                             SCENE_SIZE, fashion_scenes, paint_item, place_item)
+
+KINDS = ("fashion-clutter", "fashion-scenes")
 from pretrain.train import load_pretrain_data
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -43,53 +45,61 @@ def png(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def test_image_i_is_the_same_whatever_else_is_composed():
-    many, labels = fashion_scenes("train", [3, 7, 11])
-    one, _ = fashion_scenes("train", [11])
+@pytest.mark.parametrize("kind", KINDS)
+def test_image_i_is_the_same_whatever_else_is_composed(kind):
+    many, labels = fashion_scenes("train", [3, 7, 11], kind)
+    one, _ = fashion_scenes("train", [11], kind)
     assert many.shape == (3, SCENE_SIZE, SCENE_SIZE, 3) and many.dtype == np.uint8
     assert np.array_equal(many[2], one[0])
     assert labels.tolist() == idx_labels("train")[[3, 7, 11]].tolist()
-    assert not np.array_equal(one[0], fashion_scenes("test", [11])[0][0])  # split is drawn on
+    assert not np.array_equal(one[0], fashion_scenes("test", [11], kind)[0][0])  # split drawn on
     assert len({m.tobytes() for m in many}) == 3
-    # a photo crop in colour, not a grey item on black
-    assert (many.max(axis=3) - many.min(axis=3)).mean() > 5 and (many > 0).mean() > 0.95
+    lit = (many.max(axis=3) > 0).mean()
+    if kind == "fashion-scenes":  # a photo crop in colour everywhere
+        assert (many.max(axis=3) - many.min(axis=3)).mean() > 5 and lit > 0.95
+    else:  # items on black: the labelled one (32-56 px) and 2-4 smaller ones
+        assert 0.15 < lit < 0.8
+    with pytest.raises(UserError, match="fashion-clutter, fashion-scenes"):
+        fashion_scenes("train", [0], "cifar")
 
 
-def test_each_item_is_placed_whole_at_32_to_60_px_in_a_pale_shaded_tint():
+@pytest.mark.parametrize("style, top", [(FASHION_SCENE_STYLE, 60), (CLUTTER_MAIN_STYLE, 56)])
+def test_the_labelled_item_is_placed_whole_at_32_px_up_in_a_pale_shaded_tint(style, top):
     grey = idx_image("train", 0)  # an ankle boot
     shape28 = grey > FMNIST_THRESHOLD
     for seed in range(40):
         rng = np.random.default_rng(seed)
         placed = place_item(rng, SCENE_SIZE, grey, FMNIST_THRESHOLD, True,
-                            np.zeros((SCENE_SIZE, SCENE_SIZE), bool), FASHION_SCENE_STYLE)
+                            np.zeros((SCENE_SIZE, SCENE_SIZE), bool), style)
         assert placed is not None
         item, visible, total = placed
         assert visible.sum() == total  # nothing cut by the border
         ys, xs = np.nonzero(visible)
         long_side = max(np.ptp(ys), np.ptp(xs)) + 1
-        # the 28-px item's extent scaled to a side of 32..60 px (one px of resampling slack)
+        # the 28-px item's extent scaled to a side of 32..top px (resampling slack)
         extent = max(np.ptp(np.nonzero(shape28)[0]), np.ptp(np.nonzero(shape28)[1])) + 1
-        assert 32 * extent / 28 - 2 <= long_side <= 60 * extent / 28 + 2
+        assert 32 * extent / 28 - 2 <= long_side <= top * extent / 28 + 2
     # painted: a pale colour (channels within 0.7 of the brightest) whose brightness follows
     # the item's grey level from a quarter to all of it
     canvas = np.zeros((SCENE_SIZE, SCENE_SIZE, 3), np.float32)
-    paint_item(rng, canvas, item, visible, FASHION_SCENE_STYLE)
+    paint_item(rng, canvas, item, visible, style)
     px, g = canvas[visible], item[visible]
     assert (canvas[~visible] == 0).all()
     assert (px.min(axis=1) >= 0.7 * px.max(axis=1) - 1e-3).all()
     np.testing.assert_allclose(px.max(axis=1), 255 * (0.25 + 0.75 * g / 255), rtol=1e-5)
 
 
-def test_the_embedded_role_holds_the_images_pretraining_trains_on(tmp_path):
-    root = build_embedded(tmp_path, 2, 1, imagenet_source="fashion-scenes",
-                          roles=("imagenet",))["imagenet"]
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_embedded_role_holds_the_images_pretraining_trains_on(tmp_path, kind):
+    root = build_embedded(tmp_path, 2, 1, imagenet_source=kind, roles=("imagenet",))["imagenet"]
     train = sorted((root / "train").rglob("*.png"))
     index = {p: int(p.stem.rsplit("_", 1)[1]) for p in train}
     assert len(train) == 20
     labels = idx_labels("train")
-    # as python -m pretrain --preset demo --dataset fashion-scenes loads it
-    cfg = preset_config("demo", dataset="fashion-scenes",
-                        subset=max(index.values()) + 1).validate()
+    # as python -m pretrain --preset demo [--dataset fashion-scenes] loads it
+    cfg = preset_config("demo", subset=max(index.values()) + 1,
+                        dataset=None if kind == "fashion-clutter" else kind).validate()
+    assert cfg.dataset == kind
     make, pre_labels, desc = load_pretrain_data(cfg)
     data = make(None)
     for p, i in index.items():
@@ -100,11 +110,11 @@ def test_the_embedded_role_holds_the_images_pretraining_trains_on(tmp_path):
     for p in val:
         i = int(p.stem.rsplit("_", 1)[1])
         assert p.parent.name == f"n{idx_labels('test')[i]:08d}"
-        assert np.array_equal(png(p), fashion_scenes("test", [i])[0][0])
+        assert np.array_equal(png(p), fashion_scenes("test", [i], kind)[0][0])
     marker = json.loads((root / MARKER).read_text())
-    assert marker["dataset_name"] == "embedded/fashion-scenes"
-    assert role_dataset_name("imagenet", imagenet_source="fashion-scenes",
-                             n_train_per_class=2) == "embedded/fashion-scenes"
+    assert marker["dataset_name"] == f"embedded/{kind}"
+    assert role_dataset_name("imagenet", imagenet_source=kind,
+                             n_train_per_class=2) == f"embedded/{kind}"
     assert role_dataset_name("imagenet") == "embedded/fashion-mnist"
 
 
@@ -115,13 +125,13 @@ def test_the_plain_role_keeps_its_key_and_bad_sources_are_refused(tmp_path):
          "version": 1}, sort_keys=True).encode()).hexdigest()
     assert BuildParams("imagenet").key() == before
     assert BuildParams("imagenet", imagenet_source="fashion-mnist").key() == before
-    assert BuildParams("imagenet", imagenet_source="fashion-scenes").key() != before
+    assert len({BuildParams("imagenet", imagenet_source=k).key() for k in KINDS} - {before}) == 2
     with pytest.raises(UserError, match="imagenet_source must be one of fashion-mnist, "
-                                        "fashion-scenes, got 'cifar'"):
+                                        "fashion-clutter, fashion-scenes, got 'cifar'"):
         build_embedded(tmp_path, 2, 1, imagenet_source="cifar", roles=("imagenet",))
     with pytest.raises(UserError, match="drop size"):
-        build_embedded(tmp_path, 2, 1, size=32, imagenet_source="fashion-scenes",
+        build_embedded(tmp_path, 2, 1, size=32, imagenet_source="fashion-clutter",
                        roles=("imagenet",))
-    with pytest.raises(UserError, match="fashion-scenes, fashion-mnist"):
+    with pytest.raises(UserError, match="fashion-clutter, fashion-mnist, fashion-scenes"):
         preset_config("demo", dataset="cifar").validate()
     assert list(tmp_path.iterdir()) == []

@@ -9,9 +9,9 @@ Roles and what is written (``<cache_dir>/<role>-<hash12>/``, hash = build parame
   sorted wnid order = label order) with names in ``synset_words.txt`` (``<wnid> <name>``, the
   format of ``LOC_synset_mapping.txt``). Lossless grey PNGs, 28x28 unless ``size`` is given
   (then BICUBIC-resized). ``<index>`` is the image's index in the source split. With
-  ``imagenet_source = "fashion-scenes"`` (the demo suite) each item is composed on a 72-px
-  photo crop (RGB PNGs, :func:`pretrain.scenes.fashion_scenes`): train image ``<index>`` is
-  the very image ``python -m pretrain --dataset fashion-scenes`` trains on.
+  ``imagenet_source = "fashion-clutter"`` (the demo suite) or ``"fashion-scenes"`` each item
+  is composed at 72 px (RGB PNGs, :func:`pretrain.scenes.fashion_scenes`): train image
+  ``<index>`` is the very image ``python -m pretrain --dataset <source>`` trains on.
 * ``places``: scikit-learn's ``load_digits`` (8x8, 17 grey levels scaled to 0..255) in the
   official Places205 split-file layout: ``trainvalsplit_places205/{train,val}_places205.csv``
   and ``data/vision/torralba/deeplearning/images256/d/digit_<name>[/outdoor]/gsun_<32hex>.jpg``
@@ -87,7 +87,7 @@ ROLE_PARAMS = MappingProxyType({
 # added later: in a key only when set to something else than these (the bytes of before)
 OPTIONAL_PARAMS = MappingProxyType({"imagenet_val_per_class": (None,),
                                     "imagenet_source": (None, "fashion-mnist")})
-IMAGENET_SOURCES = ("fashion-mnist", "fashion-scenes")  # pretrain --dataset names
+IMAGENET_SOURCES = ("fashion-mnist", "fashion-clutter", "fashion-scenes")  # pretrain --dataset
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -248,8 +248,9 @@ def _build_imagenet(root: Path, params: BuildParams) -> None:
                              ("val", "test", n_val)):
         images, labels = fashion_mnist(source)
         idx = first_per_class(labels, 10, n, f"Fashion-MNIST {source}")
-        if params.imagenet_source == "fashion-scenes":  # image i = pretraining's image i
-            images = dict(zip(idx.tolist(), fashion_scenes(source, idx)[0]))
+        if params.imagenet_source not in (None, "fashion-mnist"):  # = pretraining's image i
+            images = dict(zip(idx.tolist(), fashion_scenes(source, idx,
+                                                           params.imagenet_source)[0]))
         for w in FMNIST_WNIDS:
             (root / split / w).mkdir(parents=True)
         for i in _progress(idx, f"fashion-mnist {split}"):
@@ -374,10 +375,11 @@ def _validate(p: BuildParams) -> None:
     if p.role == "imagenet" and p.imagenet_source not in (None, *IMAGENET_SOURCES):
         raise UserError(f"embedded suite: imagenet_source must be one of "
                         f"{', '.join(IMAGENET_SOURCES)}, got {p.imagenet_source!r}.")
-    if p.role == "imagenet" and p.imagenet_source == "fashion-scenes" and p.size is not None:
-        raise UserError("embedded suite: size resizes the 28-px Fashion-MNIST items; the "
-                        "fashion-scenes images are 72 px, the size pretraining uses: drop size "
-                        f"(got {p.size!r}) or use imagenet_source = \"fashion-mnist\".")
+    if p.role == "imagenet" and p.imagenet_source not in (None, "fashion-mnist") \
+            and p.size is not None:
+        raise UserError(f"embedded suite: size resizes the 28-px Fashion-MNIST items; the "
+                        f"{p.imagenet_source} images are 72 px, the size pretraining uses: drop "
+                        f"size (got {p.size!r}) or use imagenet_source = \"fashion-mnist\".")
 
 
 def _tmp_path(cache_dir: Path, name: str) -> Path:
