@@ -167,7 +167,7 @@ def test_presets_resolve():
                 sampler="uniform", reassign=1)
     assert {k: getattr(paper, k) for k in want} == want
     demo = preset_config("demo")
-    assert demo.dataset == "fashion-mnist" and demo.data is None
+    assert demo.dataset == "fashion-clutter" and demo.data is None
     assert demo.batch_size == 64 and demo.lr == demo.head_lr == 0.05 * 64 / 256
     assert preset_config("demo", batch_size=128).lr == 0.025  # the rule follows the batch
     assert preset_config("demo", lr=0.02).lr == 0.02  # a given lr wins

@@ -171,7 +171,7 @@ def test_per_k_configs_differ_only_in_k_and_take_every_flag(tmp_path):
     for c in cfgs.values():  # the flags, then the demo preset (README), the same for every k
         assert (c.epochs, c.subset, c.seed, c.sobel) == (4, 5000, 7, False)
         assert (c.dataset, c.fc_dim, c.pca_dim, c.batch_size, c.input_size) == \
-            ("fashion-mnist", 1024, 64, 64, 64)
+            ("fashion-clutter", 1024, 64, 64, 64)
         assert c.lr == c.head_lr == pytest.approx(0.05 * 64 / 256)  # the paper's rule
     assert sweep.default_suite("demo") == "k_ablation_demo"
     assert sweep.default_suite("paper") == "k_ablation"
