@@ -1,6 +1,6 @@
-"""Real items pasted on real photos: the composition shared by the embedded data.
+"""Real items composed into scenes: the composition shared by the embedded data.
 
-A scene's background is a random square window of one of scikit-learn's bundled photos
+A photo scene's background is a random square window of one of scikit-learn's bundled photos
 (``load_sample_images``: ``china.jpg``, ``flower.jpg``), rescaled, slightly blurred, lowered in
 contrast and maybe mirrored; an item (a Fashion-MNIST garment or a scikit-learn digit) is
 resized, placed where its foreground is free, and painted with a random pale tint shaded by
@@ -12,7 +12,7 @@ data (``python -m pretrain --dataset``) and ImageNet role (``[embedded] imagenet
 
 * ``fashion-clutter`` (the demo's): the labelled item whole and bright on black among 2-4
   smaller, dimmer items of any class. On plain Fashion-MNIST a never-trained network's linear
-  probes reach 78-82 %, leaving DeepCluster 1-3 points to show; here they reach 50-58 %.
+  probes reach 78-82 %, leaving DeepCluster 1-3 points to show; here they reach 49-54 %.
 * ``fashion-scenes``: the item on a crop of scikit-learn's two sample photos. Tried for the
   demo and not kept (README, "Harder data"): DeepCluster's clusters followed the backgrounds,
   and those photos are landmarks of the embedded Paris-format retrieval set.
