@@ -183,19 +183,26 @@ def clutter_scene(images: np.ndarray, i: int, seed: int, photos=None,
 COMPOSERS = {"fashion-clutter": clutter_scene, "fashion-scenes": photo_scene}
 
 
-def fashion_scenes(split: str, indices: Sequence[int] | np.ndarray,
-                   kind: str = "fashion-clutter", seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 72, 72, 3], labels int64 [N]) of the Fashion-MNIST ``split`` images
-    ``indices``, each composed as ``kind`` (:data:`COMPOSERS`). Image ``i`` of a split is the
-    same whatever else is asked for: its draws come from ``derive_seed(seed, kind, split, i)``."""
+def compose(images: np.ndarray, split: str, indices: Sequence[int] | np.ndarray,
+            kind: str = "fashion-clutter", seed: int = 0) -> np.ndarray:
+    """uint8 [N, 72, 72, 3]: items ``indices`` of ``images`` (the Fashion-MNIST ``split``,
+    uint8 [60000 or 10000, 28, 28]) each composed as ``kind`` (:data:`COMPOSERS`). Image ``i``
+    of a split is the same whatever else is asked for: its draws come from
+    ``derive_seed(seed, kind, split, i)``."""
     if kind not in COMPOSERS:
         raise UserError(f"unknown composed Fashion-MNIST set {kind!r}; use one of "
                         f"{', '.join(COMPOSERS)}.")
-    images, labels = fashion_mnist(split)
     idx = np.asarray(indices, dtype=np.int64)
     photos = background_photos() if kind == "fashion-scenes" else None
     out = np.empty((len(idx), SCENE_SIZE, SCENE_SIZE, 3), dtype=np.uint8)
     for n, i in enumerate(idx):
         out[n] = COMPOSERS[kind](images, int(i), derive_seed(seed, kind, split, int(i)), photos)
-    return out, labels[idx]
+    return out
+
+
+def fashion_scenes(split: str, indices: Sequence[int] | np.ndarray,
+                   kind: str = "fashion-clutter", seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`compose` of the Fashion-MNIST ``split``'s items ``indices``, their labels)."""
+    images, labels = fashion_mnist(split)
+    return compose(images, split, indices, kind, seed), labels[np.asarray(indices, np.int64)]

@@ -43,7 +43,7 @@ from .distributed import Dist, gather_rows, on_main, rank_batches, shard, sum_al
 from .gpu_data import GpuInputs, images_of
 from .models import ModelSpec, TapNet, build_model, embed_dim, make_top_layer
 from .sampler import make_sampler
-from .scenes import fashion_scenes
+from .scenes import compose
 
 log = logging.getLogger(__name__)
 FEATURE_BATCH = 256  # eval-mode extraction: per-image results, so only speed depends on it
@@ -59,9 +59,10 @@ def load_pretrain_data(cfg: PretrainConfig):
     if cfg.dataset in EMBEDDED_DATASETS:
         images, labels = fashion_mnist("train")
         n = min(cfg.subset or len(images), len(images))
-        images, labels = images[:n], labels[:n]
-        if cfg.dataset != "fashion-mnist":  # composed at 72 px, image i from item i
-            images, labels = fashion_scenes("train", np.arange(n), cfg.dataset)
+        # composed at 72 px: image i from item i, its clutter drawn from the whole split
+        images = (images[:n] if cfg.dataset == "fashion-mnist"
+                  else compose(images, "train", np.arange(n), cfg.dataset))
+        labels = labels[:n]
         return (lambda tf: ArrayImageDataset(images, labels, tf)), labels, f"{cfg.dataset}[:{n}]"
     root = Path(cfg.data).expanduser()
     if (root / "train").is_dir():

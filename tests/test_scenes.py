@@ -89,6 +89,32 @@ def test_the_labelled_item_is_placed_whole_at_32_px_up_in_a_pale_shaded_tint(sty
     np.testing.assert_allclose(px.max(axis=1), 255 * (0.25 + 0.75 * g / 255), rtol=1e-5)
 
 
+
+def test_in_clutter_only_the_labelled_item_is_bright():
+    """The other items' tints are dimmed to <= 0.6 of full, so channels above 0.61 x 255 can
+    only be the labelled item's: one whole object of at most 56 px (+ resampling), where the
+    dim ones are around it."""
+    scenes, labels = fashion_scenes("test", range(40), "fashion-clutter")
+    assert labels.tolist() == idx_labels("test")[:40].tolist()
+    with_clutter = 0
+    for s in scenes:
+        peak = s.max(axis=2).astype(int)
+        bright = peak > 0.61 * 255
+        assert bright.any()
+        ys, xs = np.nonzero(bright)
+        assert max(np.ptp(ys), np.ptp(xs)) + 1 <= 58
+        with_clutter += bool(((peak > 0) & (peak <= 0.61 * 255) & ~_near(bright, 3)).any())
+    assert with_clutter >= 36  # 2-4 others each, unless no free spot was found
+
+
+def _near(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` grown by ``r`` px (a square neighbourhood), written out with numpy."""
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_embedded_role_holds_the_images_pretraining_trains_on(tmp_path, kind):
     root = build_embedded(tmp_path, 2, 1, imagenet_source=kind, roles=("imagenet",))["imagenet"]
@@ -126,8 +152,8 @@ def test_the_plain_role_keeps_its_key_and_bad_sources_are_refused(tmp_path):
     assert BuildParams("imagenet").key() == before
     assert BuildParams("imagenet", imagenet_source="fashion-mnist").key() == before
     assert len({BuildParams("imagenet", imagenet_source=k).key() for k in KINDS} - {before}) == 2
-    with pytest.raises(UserError, match="imagenet_source must be one of fashion-mnist, "
-                                        "fashion-clutter, fashion-scenes, got 'cifar'"):
+    with pytest.raises(UserError, match="imagenet_source must be one of fashion-clutter, "
+                                        "fashion-mnist, fashion-scenes, got 'cifar'"):
         build_embedded(tmp_path, 2, 1, imagenet_source="cifar", roles=("imagenet",))
     with pytest.raises(UserError, match="drop size"):
         build_embedded(tmp_path, 2, 1, size=32, imagenet_source="fashion-clutter",

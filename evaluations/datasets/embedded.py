@@ -10,7 +10,7 @@ Roles and what is written (``<cache_dir>/<role>-<hash12>/``, hash = build parame
   format of ``LOC_synset_mapping.txt``). Lossless grey PNGs, 28x28 unless ``size`` is given
   (then BICUBIC-resized). ``<index>`` is the image's index in the source split. With
   ``imagenet_source = "fashion-clutter"`` (the demo suite) or ``"fashion-scenes"`` each item
-  is composed at 72 px (RGB PNGs, :func:`pretrain.scenes.fashion_scenes`): train image
+  is composed at 72 px (RGB PNGs, :func:`pretrain.scenes.compose`): train image
   ``<index>`` is the very image ``python -m pretrain --dataset <source>`` trains on.
 * ``places``: scikit-learn's ``load_digits`` (8x8, 17 grey levels scaled to 0..255) in the
   official Places205 split-file layout: ``trainvalsplit_places205/{train,val}_places205.csv``
@@ -54,7 +54,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data import FASHION_MNIST_CLASSES, fashion_mnist
-from pretrain.scenes import fashion_scenes
+from pretrain.config import EMBEDDED_DATASETS
+from pretrain.scenes import compose
 from dcbench.core import UserError, atomic_write, pid_alive
 
 from .common import write_datasets_file
@@ -87,7 +88,6 @@ ROLE_PARAMS = MappingProxyType({
 # added later: in a key only when set to something else than these (the bytes of before)
 OPTIONAL_PARAMS = MappingProxyType({"imagenet_val_per_class": (None,),
                                     "imagenet_source": (None, "fashion-mnist")})
-IMAGENET_SOURCES = ("fashion-mnist", "fashion-clutter", "fashion-scenes")  # pretrain --dataset
 FMNIST_WNIDS = tuple(f"n{i:08d}" for i in range(10))
 DIGIT_CATEGORIES = tuple(
     f"d/digit_{n}" + ("/outdoor" if n == "seven" else "")
@@ -119,6 +119,11 @@ class BuildParams:
     voc_size: int = 128
     retrieval_max_side: int = 384  # longest image side of the retrieval roles
     version: int = FORMAT_VERSION
+
+    @property
+    def composed(self) -> bool:
+        """The ImageNet role's images are composed scenes (``imagenet_source``), not items."""
+        return self.imagenet_source not in (None, "fashion-mnist")
 
     def key(self) -> str:
         """The hash of what the role's bytes depend on; an optional setting left unset
@@ -248,9 +253,9 @@ def _build_imagenet(root: Path, params: BuildParams) -> None:
                              ("val", "test", n_val)):
         images, labels = fashion_mnist(source)
         idx = first_per_class(labels, 10, n, f"Fashion-MNIST {source}")
-        if params.imagenet_source not in (None, "fashion-mnist"):  # = pretraining's image i
-            images = dict(zip(idx.tolist(), fashion_scenes(source, idx,
-                                                           params.imagenet_source)[0]))
+        if params.composed:  # image i = pretraining's image i
+            images = dict(zip(idx.tolist(), compose(images, source, idx,
+                                                    params.imagenet_source)))
         for w in FMNIST_WNIDS:
             (root / split / w).mkdir(parents=True)
         for i in _progress(idx, f"fashion-mnist {split}"):
@@ -372,11 +377,10 @@ def _validate(p: BuildParams) -> None:
                         " fewer, or build the roles separately with build_role.")
     if p.size is not None and (not isinstance(p.size, int) or p.size < 8):
         raise UserError(f"embedded suite: size must be None or an integer >= 8, got {p.size!r}.")
-    if p.role == "imagenet" and p.imagenet_source not in (None, *IMAGENET_SOURCES):
+    if p.role == "imagenet" and p.imagenet_source not in (None, *EMBEDDED_DATASETS):
         raise UserError(f"embedded suite: imagenet_source must be one of "
-                        f"{', '.join(IMAGENET_SOURCES)}, got {p.imagenet_source!r}.")
-    if p.role == "imagenet" and p.imagenet_source not in (None, "fashion-mnist") \
-            and p.size is not None:
+                        f"{', '.join(EMBEDDED_DATASETS)}, got {p.imagenet_source!r}.")
+    if p.role == "imagenet" and p.composed and p.size is not None:
         raise UserError(f"embedded suite: size resizes the 28-px Fashion-MNIST items; the "
                         f"{p.imagenet_source} images are 72 px, the size pretraining uses: drop "
                         f"size (got {p.size!r}) or use imagenet_source = \"fashion-mnist\".")
